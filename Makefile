@@ -1,0 +1,62 @@
+# edgescreen: the two commands of the quick start are `make demo` and `make test`.
+# Everything they need is installed from here, so a fresh Debian machine (Python 3.11+, root) is enough.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Versions the tests passed with; a fresh install months from now gets the same.
+PIP_INSTALL := $(BIN)/pip install -q --disable-pip-version-check -c constraints.txt
+DEBIAN_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb nut-server nut-client chromium fonts-dejavu-core
+DATA ?= ../shared/data/mini-mias
+
+.PHONY: help demo test lint models evaluate bench debian-deps clean
+
+help:
+	@echo "make demo   - install, generate phantom studies, run the appliance on http://127.0.0.1:8080"
+	@echo "make test   - install test dependencies (Debian packages too, as root) and run the whole suite"
+	@echo "make models DATA=../shared/data/mini-mias - retrain the reference models"
+	@echo "make lint   - ruff"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
+
+$(VENV)/.runtime: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP_INSTALL) -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime
+	$(PIP_INSTALL) -e '.[dev,optimize,train]'
+	touch $@
+
+debian-deps:
+	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	  else echo "missing Debian packages:$$missing (run as root or: sudo apt-get install$$missing)"; exit 1; fi; \
+	fi
+
+demo: $(VENV)/.runtime
+	$(BIN)/edgescreen --data-dir demo-data demo
+
+test: $(VENV)/.dev debian-deps
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -rs
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+
+models: $(VENV)/.dev
+	$(BIN)/python -m models.train.mammo --data $(DATA) --out models/
+	$(BIN)/python -m models.train.ct_stage1 --out models/
+	$(BIN)/python -m models.train.ct_stage2 --out models/
+	$(BIN)/python -m models.train.ct_stage3 --out models/
+	$(BIN)/edgescreen models evaluate
+
+bench: $(VENV)/.dev
+	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) demo-data .pytest_cache .ruff_cache

@@ -1,0 +1,72 @@
+"""The `edgescreen` command. Each subcommand lives in its own module that provides
+`add_arguments(parser)` and `run(args, ctx) -> int`. Command modules import only the standard library
+at the top and their heavy dependencies inside `run`, so `--help` stays fast and a box without the
+optimiser's extras (a Jetson in the field) still has every other command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from appliance import RESEARCH_USE_BANNER, __version__
+from appliance.config import ConfigError, load_site_config, resolve_paths
+from appliance.logs import setup_logging
+
+# name -> (module, one-line help). Order is the order --help shows.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("appliance.cli.demo", "generate phantom studies and run the whole appliance on http://127.0.0.1:8080"),
+    "serve": ("appliance.cli.serve", "run the web UI (waitress)"),
+    "doctor": ("appliance.cli.doctor", "check this box: Python, packages, backends, data dir, disk, profile"),
+    "phantom": ("appliance.cli.phantom", "write synthetic phantom DICOM studies (CT, mammography)"),
+    "studies": ("appliance.cli.studies", "list received studies with their series and state"),
+    "config": ("appliance.cli.config_cmd", "validate and show the site config and hardware profile"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgescreen",
+        description=f"Offline cancer-screening appliance. {RESEARCH_USE_BANNER}",
+    )
+    parser.add_argument("--version", action="version", version=f"edgescreen {__version__}")
+    parser.add_argument("--data-dir", help="data directory (default: $EDGESCREEN_DATA_DIR, config data_dir, "
+                        "~/.local/share/edgescreen)")
+    parser.add_argument("--config", help="site config TOML (default: $EDGESCREEN_CONFIG, /etc/edgescreen/site.toml)")
+    parser.add_argument("--profile", help="hardware profile name or TOML path (overrides the config)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        module = importlib.import_module(module_name)
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    from appliance.context import AppContext  # deferred: keeps --help and --version light
+
+    try:
+        config = load_site_config(args.config)
+        setup_logging(args.log_level or config.logging.level)
+        ctx = AppContext(config=config, data_dir=resolve_paths(args.data_dir, config),
+                         config_path=args.config, _profile_override=args.profile)
+        return int(args._run(args, ctx) or 0)
+    except ConfigError as exc:
+        print(f"edgescreen: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""`edgescreen demo`: the whole appliance on one machine, fed with phantom studies over real DICOM.
+
+The demo runs the same services a box runs (DICOM listener, worker, web) as child processes on the
+same data directory, then sends the phantoms to the listener by C-STORE, as a scanner would.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEMO_CT = ((101, "pdac"), (102, None), (103, "ipmn"))
+DEMO_MG = ((201, "malignant"), (202, None))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="web listen address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="web port (default 8080)")
+    parser.add_argument("--dicom-port", type=int, default=11112, help="DICOM listener port (default 11112)")
+    parser.add_argument("--slices", type=int, default=120, help="slices per phantom CT (default 120)")
+    parser.add_argument("--no-send", action="store_true", help="start the services without sending phantoms")
+
+
+def _generate(phantom_dir: Path, slices: int) -> list[Path]:
+    from models.phantom.ct import write_ct_study
+    from models.phantom.mg import write_mg_exam
+
+    folders = []
+    for seed, lesion in DEMO_CT:
+        out = phantom_dir / f"ct-{seed}-{lesion or 'normal'}"
+        if not (out / "truth.json").exists():
+            write_ct_study(out, seed, lesion=lesion, slices=slices)
+        folders.append(out)
+    for seed, finding in DEMO_MG:
+        out = phantom_dir / f"mg-{seed}-{finding or 'normal'}"
+        if not (out / "truth.json").exists():
+            write_mg_exam(out, seed, finding=finding)
+        folders.append(out)
+    return folders
+
+
+def run(args: argparse.Namespace, ctx) -> int:
+    from appliance.demo import run_demo
+
+    ctx.store  # noqa: B018 - create and migrate the store before the services start
+    print(f"generating phantom studies in {ctx.data_dir / 'phantoms'} ...", flush=True)
+    folders = _generate(ctx.data_dir / "phantoms", args.slices)
+    return run_demo(ctx, folders, web=(args.host, args.port), dicom_port=args.dicom_port, send=not args.no_send)

@@ -1,0 +1,99 @@
+"""Finding, reading and validating the site config and hardware profile.
+
+A bad value must stop the service before it touches data, with one line that names the file, the
+key, the value and what is allowed: a technician on site reads that line, nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+import firmware_config
+from appliance.config.profile import HardwareProfile
+from appliance.config.site import SiteConfig
+
+SYSTEM_CONFIG = Path("/etc/edgescreen/site.toml")
+SYSTEM_DATA_DIR = Path("/var/lib/edgescreen")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used. The CLI prints it on one line and exits 2."""
+
+
+def _describe(err: ValidationError, path: Path, prefix: str = "") -> str:
+    first = err.errors()[0]
+    key = prefix + ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"{path}: unknown key '{key}': remove it or check its spelling"
+    if first["type"] == "missing":
+        return f"{path}: missing key '{key}': it is required"
+    value = first.get("input")
+    shown = "{...}" if isinstance(value, dict) else json.dumps(value, default=str)[:80]
+    return f"{path}: {key or '(top level)'} = {shown}: {msg}"
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied; the service user must be able to read it") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _validate(model: type[BaseModel], raw: dict, path: Path) -> BaseModel:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+
+
+def find_config(explicit: str | Path | None) -> Path | None:
+    """--config, then $EDGESCREEN_CONFIG, then /etc/edgescreen/site.toml; None means built-in defaults."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("EDGESCREEN_CONFIG")
+    if env:
+        return Path(env)
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.is_file() else None
+
+
+def load_site_config(path: str | Path | None) -> SiteConfig:
+    found = find_config(path)
+    if found is None:
+        return SiteConfig()
+    return _validate(SiteConfig, _read_toml(found), found)  # type: ignore[return-value]
+
+
+def profile_path(name_or_path: str) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml" or os.sep in name_or_path:
+        return candidate
+    return firmware_config.PROFILES_DIR / f"{name_or_path}.toml"
+
+
+def load_profile(name_or_path: str) -> HardwareProfile:
+    path = profile_path(name_or_path)
+    if not path.is_file():
+        known = ", ".join(firmware_config.profile_names())
+        raise ConfigError(f"hardware profile '{name_or_path}': {path} not found; known profiles: {known}")
+    return _validate(HardwareProfile, _read_toml(path), path)  # type: ignore[return-value]
+
+
+def resolve_paths(data_dir_arg: str | Path | None, config: SiteConfig) -> Path:
+    """--data-dir, then $EDGESCREEN_DATA_DIR, then the config's data_dir, then ~/.local/share/edgescreen."""
+    for candidate in (data_dir_arg, os.environ.get("EDGESCREEN_DATA_DIR"), config.data_dir):
+        if candidate:
+            return Path(candidate).expanduser().resolve()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return (base / "edgescreen").resolve()

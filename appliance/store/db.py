@@ -1,0 +1,148 @@
+"""Opening the store: the database connection, migrations and crash recovery.
+
+Every service opens its own Store on the same data directory. SQLite in WAL mode with
+synchronous=FULL makes a committed transaction durable before `commit` returns; files are written
+atomically before the row that names them is committed, so after any crash a row never points at
+a missing or partial file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from appliance.logs import get_logger
+from appliance.store.files import remove_temp_files
+from appliance.store.migrations import MIGRATIONS
+
+log = get_logger(__name__)
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used (unwritable directory, full disk, newer schema); the message says what to do."""
+
+
+class Store:
+    """Paths and connections for one data directory. Connections are per thread."""
+
+    def __init__(self, data_dir: Path | str, *, migrate: bool = True) -> None:
+        self.data_dir = Path(data_dir)
+        self.db_path = self.data_dir / "edgescreen.db"
+        self.files_dir = self.data_dir / "files"
+        self.quarantine_dir = self.data_dir / "quarantine"
+        self.results_dir = self.data_dir / "results"
+        self.work_dir = self.data_dir / "work"
+        self._local = threading.local()
+        try:
+            for d in (self.data_dir, self.files_dir, self.quarantine_dir, self.results_dir, self.work_dir):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"data directory {self.data_dir}: cannot create ({exc.strerror}); "
+                             "check the path and its permissions or pass --data-dir") from None
+        if migrate:
+            self.migrate()
+
+    # -- connections ------------------------------------------------------------------------------
+    def connect(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
+                conn.row_factory = sqlite3.Row
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA foreign_keys=ON")
+                conn.execute("PRAGMA busy_timeout=30000")
+            except sqlite3.Error as exc:
+                raise StoreError(f"database {self.db_path}: cannot open ({exc}); is the disk full or read-only?") from None
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic unit of change. BEGIN IMMEDIATE takes the write lock up front, so no upgrade deadlocks."""
+        conn = self.connect()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
+        return self.connect().execute(sql, params).fetchall()
+
+    def query_one(self, sql: str, params: tuple | dict = ()) -> sqlite3.Row | None:
+        return self.connect().execute(sql, params).fetchone()
+
+    # -- schema -----------------------------------------------------------------------------------
+    def schema_version(self) -> int:
+        return int(self.connect().execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self) -> int:
+        conn = self.connect()
+        current = self.schema_version()
+        if current > len(MIGRATIONS):
+            raise StoreError(f"database {self.db_path} has schema {current}, newer than this edgescreen "
+                             f"({len(MIGRATIONS)}); install the newer version or restore a backup")
+        for version in range(current + 1, len(MIGRATIONS) + 1):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if self.schema_version() < version:  # another process may have migrated meanwhile
+                    for statement in MIGRATIONS[version - 1].split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {version}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            log.info("schema migrated", version=version, db=str(self.db_path))
+        return self.schema_version()
+
+    # -- recovery ---------------------------------------------------------------------------------
+    def recover(self) -> dict[str, list[str]]:
+        """After a crash: drop temp files, list files no row claims and rows whose files are gone.
+
+        Unclaimed files are kept (the sender may not have had its success response; the DICOM service
+        re-ingests them). Rows with missing files are reported, never silently deleted.
+        """
+        removed = remove_temp_files(self.data_dir)
+        claimed = {row["path"] for row in self.query("SELECT path FROM instances")}
+        on_disk = {str(p.relative_to(self.data_dir)) for p in self.files_dir.rglob("*.dcm")}
+        report = {
+            "removed_temp_files": [str(p) for p in removed],
+            "unclaimed_files": sorted(on_disk - claimed),
+            "missing_files": sorted(claimed - on_disk),
+        }
+        if any(report.values()):
+            log.warning("store recovery", **{k: len(v) for k, v in report.items()})
+        return report
+
+    def integrity_ok(self) -> bool:
+        return self.query_one("PRAGMA integrity_check")[0] == "ok"
+
+    # -- small shared records ---------------------------------------------------------------------
+    def add_event(self, kind: str, source: str, state: str | None = None, detail: str | None = None,
+                  ts: float | None = None) -> int:
+        with self.transaction() as conn:
+            cur = conn.execute("INSERT INTO events (ts, kind, source, state, detail) VALUES (?, ?, ?, ?, ?)",
+                               (ts if ts is not None else time.time(), kind, source, state, detail))
+            return int(cur.lastrowid)
+
+    def audit(self, actor: str, action: str, target: str | None = None, detail: str | None = None) -> None:
+        with self.transaction() as conn:
+            conn.execute("INSERT INTO audit (ts, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+                         (time.time(), actor, action, target, detail))

@@ -1,0 +1,115 @@
+"""The store: migrations, the job state machine, and consistency after SIGKILL at random points."""
+
+from __future__ import annotations
+
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.store import InvalidTransition, Store, StoreError, atomic_write, jobs
+from appliance.store.files import TMP_SUFFIX
+from appliance.store.instances import IncomingInstance, list_studies, store_instance
+from appliance.store.migrations import MIGRATIONS
+from tests.conftest import REPO
+
+
+def test_migrations_apply_once_and_refuse_newer(data_dir: Path) -> None:
+    store = Store(data_dir)
+    assert store.schema_version() == len(MIGRATIONS)
+    assert Store(data_dir).schema_version() == len(MIGRATIONS)  # reopening is a no-op
+    tables = {r[0] for r in store.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"studies", "series", "instances", "jobs", "results", "outbox", "events", "audit", "users",
+            "quarantine"} <= tables
+    assert store.query_one("PRAGMA journal_mode")[0] == "wal"
+    store.connect().execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    store.close()
+    with pytest.raises(StoreError, match="newer than this edgescreen"):
+        Store(data_dir)
+
+
+def test_unwritable_data_dir_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="cannot create"):
+        Store(blocker / "data")
+
+
+def test_duplicate_instance_is_idempotent(data_dir: Path) -> None:
+    store = Store(data_dir)
+    inst = IncomingInstance("1.2.3.4", "1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.3.9")
+    path, dup = store_instance(store, inst, b"first")
+    assert not dup and path.read_bytes() == b"first"
+    path2, dup2 = store_instance(store, inst, b"second")
+    assert dup2 and path2 == path and path.read_bytes() == b"first"
+    assert list_studies(store)[0]["series"][0]["instances"] == 1
+
+
+def test_odd_uids_never_escape_the_files_dir(data_dir: Path) -> None:
+    store = Store(data_dir)
+    inst = IncomingInstance("../../etc/passwd", "1.2.840.10008.5.1.4.1.1.2", "1.2/../..", "x y")
+    path, _ = store_instance(store, inst, b"data")
+    assert path.resolve().is_relative_to(store.files_dir.resolve())
+
+
+def test_job_state_machine(data_dir: Path) -> None:
+    store = Store(data_dir)
+    store_instance(store, IncomingInstance("1.1", "1.2.840.10008.5.1.4.1.1.2", "1", "1.5"), b"x")
+    job = jobs.enqueue(store, "1", "1.5", "pancreas")
+    assert jobs.enqueue(store, "1", "1.5", "pancreas") == job
+    with pytest.raises(InvalidTransition, match="cannot go queued -> done"):
+        jobs.transition(store, job, "done")
+    jobs.transition(store, job, "running", lease_owner="w1")
+    with pytest.raises(InvalidTransition, match="lease held by w1"):
+        jobs.transition(store, job, "done", owner="w2")
+    jobs.transition(store, job, "done", owner="w1")
+    assert jobs.get(store, job)["state"] == "done"
+    with pytest.raises(sqlite3.IntegrityError):
+        with store.transaction() as conn:
+            conn.execute("UPDATE jobs SET state = 'bogus' WHERE id = ?", (job,))
+
+
+def test_atomic_write_leaves_old_or_new(tmp_path: Path) -> None:
+    target = tmp_path / "f.json"
+    atomic_write(target, b"old")
+    atomic_write(target, b"new")
+    assert target.read_bytes() == b"new"
+    assert not list(tmp_path.glob(f"*{TMP_SUFFIX}"))
+
+
+def _check_consistent(data_dir: Path, acknowledged: list[str]) -> None:
+    store = Store(data_dir)
+    assert store.integrity_ok()
+    report = store.recover()
+    assert report["missing_files"] == [], "rows point at files that are not on disk"
+    assert not list(data_dir.rglob(f"*{TMP_SUFFIX}")), "temp files survived recovery"
+    for row in store.query("SELECT path, size FROM instances"):
+        assert (data_dir / row["path"]).stat().st_size == row["size"], f"{row['path']} is not whole"
+    known = {r["sop_uid"] for r in store.query("SELECT sop_uid FROM instances")}
+    lost = [sop for sop in acknowledged if sop not in known]
+    assert not lost, f"{len(lost)} acknowledged instances lost, e.g. {lost[:3]}"
+    # every series and instance belongs to something; every done job has exactly one result and vice versa
+    assert store.query_one("SELECT COUNT(*) FROM instances i LEFT JOIN series s USING (series_uid) "
+                           "WHERE s.series_uid IS NULL")[0] == 0
+    assert store.query_one("SELECT COUNT(*) FROM jobs j LEFT JOIN results r ON r.job_id = j.id "
+                           "WHERE (j.state = 'done') != (r.id IS NOT NULL)")[0] == 0
+    store.close()
+
+
+def test_sigkill_at_random_points_leaves_a_consistent_store(data_dir: Path) -> None:
+    rng = random.Random(1234)
+    acknowledged: list[str] = []
+    for round_no in range(12):
+        proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "store_writer.py"), str(data_dir), str(round_no)],
+                                stdout=subprocess.PIPE, text=True, cwd=REPO, env={"PYTHONPATH": str(REPO)})
+        time.sleep(rng.uniform(0.3, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate()
+        acknowledged += out.split()
+        _check_consistent(data_dir, acknowledged)
+    assert len(acknowledged) > 50, "the writer made too little progress for the test to mean anything"
