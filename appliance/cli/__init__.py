@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "phantom": ("appliance.cli.phantom", "write synthetic phantom DICOM studies (CT, mammography)"),
     "studies": ("appliance.cli.studies", "list received studies with their series and state"),
     "config": ("appliance.cli.config_cmd", "validate and show the site config and hardware profile"),
+    "worker": ("appliance.cli.worker", "run queued analyses whenever the scanner is idle and power allows"),
+    "jobs": ("appliance.cli.jobs", "list the job queue; mark a job urgent or run-now (audited)"),
+    "scanner": ("appliance.cli.scanner", "set the scanner switch busy|idle|auto, or show what the gate sees"),
+    "simulate": ("appliance.cli.simulate", "replay a clinic-day trace through the real scheduler"),
 }
 
 

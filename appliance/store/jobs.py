@@ -63,3 +63,102 @@ def transition(store: Store, job_id: int, to: str, *, owner: str | None = None, 
 def get(store: Store, job_id: int) -> dict | None:
     row = store.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
     return dict(row) if row else None
+
+
+ORDER = "run_now DESC, urgent DESC, (created_at < :starve_before) DESC, priority DESC, created_at, id"
+
+
+def claim_next(store: Store, owner: str, lease_s: float, *, now: float | None = None, starvation_s: float = 6 * 3600,
+               only_run_now: bool = False) -> dict | None:
+    """Take the most deserving queued job under a lease. One transaction, so two workers never take the same one."""
+    now = time.time() if now is None else now
+    where = "state = 'queued'" + (" AND run_now = 1" if only_run_now else "")
+    with store.transaction() as conn:
+        row = conn.execute(f"SELECT id FROM jobs WHERE {where} ORDER BY {ORDER} LIMIT 1",
+                           {"starve_before": now - starvation_s}).fetchone()
+        if row is None:
+            return None
+        conn.execute("""UPDATE jobs SET state = 'running', lease_owner = ?, lease_expires = ?, attempts = attempts + 1,
+                        started_at = COALESCE(started_at, ?), waiting_reason = NULL, updated_at = ? WHERE id = ?""",
+                     (owner, now + lease_s, now, now, row["id"]))
+        return dict(conn.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
+
+
+def renew_lease(store: Store, job_id: int, owner: str, lease_s: float, stage: str | None = None) -> bool:
+    """Extend our lease; False means we lost it (reclaimed after we stalled) and must stop without writing."""
+    now = time.time()
+    with store.transaction() as conn:
+        cur = conn.execute("UPDATE jobs SET lease_expires = ?, stage = COALESCE(?, stage), updated_at = ? "
+                           "WHERE id = ? AND state = 'running' AND lease_owner = ?",
+                           (now + lease_s, stage, now, job_id, owner))
+        return cur.rowcount == 1
+
+
+def reclaim_expired(store: Store, *, now: float | None = None) -> list[int]:
+    """Running jobs whose worker stopped renewing go back to the queue; their checkpoint lets them resume."""
+    now = time.time() if now is None else now
+    with store.transaction() as conn:
+        ids = [r["id"] for r in conn.execute(
+            "SELECT id FROM jobs WHERE state = 'running' AND lease_expires < ?", (now,)).fetchall()]
+        for job_id in ids:
+            conn.execute("UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
+                         "waiting_reason = 'worker stopped; resumes from its checkpoint', updated_at = ? WHERE id = ?",
+                         (now, job_id))
+            conn.execute("INSERT INTO events (ts, kind, source, state, detail) VALUES (?, 'job', 'scheduler', "
+                         "'reclaimed', ?)", (now, f'{{"job": {job_id}}}'))
+    return ids
+
+
+def set_waiting_reason(store: Store, reason: str) -> None:
+    with store.transaction() as conn:
+        conn.execute("UPDATE jobs SET waiting_reason = ? WHERE state = 'queued' AND waiting_reason IS NOT ?",
+                     (reason, reason))
+
+
+def set_flag(store: Store, job_id: int, flag: str, actor: str) -> None:
+    """Staff overrides: `urgent` jumps the queue, `run_now` also skips grace periods. Both are audited."""
+    if flag not in ("urgent", "run_now"):
+        raise ValueError(f"unknown flag {flag!r}")
+    now = time.time()
+    with store.transaction() as conn:
+        cur = conn.execute(f"UPDATE jobs SET {flag} = 1, updated_at = ? WHERE id = ? AND state IN ('queued', 'running')",
+                           (now, job_id))
+        if cur.rowcount != 1:
+            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            raise InvalidTransition(f"job {job_id} is {row['state'] if row else 'unknown'}; only queued or running "
+                                    "jobs can be marked")
+        conn.execute("INSERT INTO audit (ts, actor, action, target, detail) VALUES (?, ?, ?, ?, NULL)",
+                     (now, actor, f"job.{flag}", str(job_id)))
+
+
+def finish(store: Store, job_id: int, owner: str, *, triage: str, findings_json: str, output_dir: str) -> bool:
+    """Result row and `done` in one transaction, only while we hold the lease: never a duplicate result."""
+    now = time.time()
+    with store.transaction() as conn:
+        cur = conn.execute("UPDATE jobs SET state = 'done', finished_at = ?, updated_at = ?, lease_owner = NULL, "
+                           "lease_expires = NULL, waiting_reason = NULL WHERE id = ? AND state = 'running' "
+                           "AND lease_owner = ?", (now, now, job_id, owner))
+        if cur.rowcount != 1:
+            return False
+        study = conn.execute("SELECT study_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()["study_uid"]
+        conn.execute("INSERT INTO results (job_id, study_uid, triage, findings, output_dir, created_at) "
+                     "VALUES (?, ?, ?, ?, ?, ?)", (job_id, study, triage, findings_json, output_dir, now))
+    return True
+
+
+def release(store: Store, job_id: int, owner: str, *, to: str, reason: str | None = None, error: str | None = None,
+            stage: str | None = None) -> bool:
+    """Give a running job back (preempted: queued) or end it (failed/quarantined), only while we hold it."""
+    now = time.time()
+    with store.transaction() as conn:
+        cur = conn.execute("UPDATE jobs SET state = ?, lease_owner = NULL, lease_expires = NULL, waiting_reason = ?, "
+                           "error = COALESCE(?, error), stage = COALESCE(?, stage), updated_at = ?, "
+                           "finished_at = CASE WHEN ? IN ('failed', 'quarantined') THEN ? ELSE finished_at END "
+                           "WHERE id = ? AND state = 'running' AND lease_owner = ?",
+                           (to, reason, error, stage, now, to, now, job_id, owner))
+        return cur.rowcount == 1
+
+
+def list_jobs(store: Store, states: tuple[str, ...] = JOB_STATES) -> list[dict]:
+    marks = ", ".join("?" * len(states))
+    return [dict(r) for r in store.query(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id", states)]

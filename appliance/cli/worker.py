@@ -1,0 +1,19 @@
+"""`edgescreen worker`: run queued jobs whenever the scanner and the power allow."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--once", action="store_true", help="exit when no job is queued instead of waiting for more")
+    parser.add_argument("--poll", type=float, default=2.0, help="seconds between gate checks while idle (default 2)")
+
+
+def run(args: argparse.Namespace, ctx) -> int:
+    from appliance.scheduler.worker import Worker
+
+    worker = Worker(ctx, poll_s=args.poll, once=args.once)
+    worker.install_signal_handlers()
+    worker.run_forever()
+    return 0

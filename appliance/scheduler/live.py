@@ -1,0 +1,95 @@
+"""The live gate on a box: scanner and power sources built from the site config, read at each safe point."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from appliance.context import AppContext
+from appliance.logs import get_logger
+from appliance.power.sources import PowerReading
+from appliance.scheduler.policy import Decision, PowerGate
+from appliance.scheduler.scanner import (
+    ClinicHoursSource,
+    ManualSource,
+    MppsSource,
+    PowerDrawSource,
+    ScannerSource,
+    ScannerState,
+    StoreActivitySource,
+    combine,
+)
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Observation:
+    now: float
+    scanner: ScannerState
+    power: PowerReading | None
+    decision: Decision
+
+
+class LiveGate:
+    """Reads every source and applies the policy; records scanner and power changes as events."""
+
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        cfg = ctx.config
+        store = ctx.store
+        self.power_source = None
+        if cfg.power.nut_host:
+            from appliance.power.nut import NutPowerSource
+
+            self.power_source = NutPowerSource(cfg.power.nut_host, cfg.power.nut_port, cfg.power.nut_ups,
+                                               username=cfg.power.nut_username, password=cfg.power.nut_password)
+        else:
+            from appliance.power.battery import BatteryPowerSource
+
+            battery = BatteryPowerSource()
+            if battery.read().error is None:  # a box with its own battery (a laptop-class device)
+                self.power_source = battery
+        self._last_power: PowerReading | None = None
+        scanner_aes = [p.ae_title for p in cfg.dicom.allowed] or None
+        self.sources: list[ScannerSource] = [ManualSource(store), MppsSource(store),
+                                             StoreActivitySource(store, cfg.scheduler.store_quiet_s, scanner_aes)]
+        if cfg.power.scanner_power_var and cfg.power.scanner_busy_above is not None and cfg.power.nut_host:
+            self.sources.append(PowerDrawSource(self._scanner_draw, cfg.power.scanner_power_var,
+                                                cfg.power.scanner_busy_above, cfg.power.stale_after_s))
+        if cfg.scheduler.clinic_hours:
+            self.sources.append(ClinicHoursSource(cfg.scheduler.clinic_hours))
+        self.gate = PowerGate(cfg.scheduler, cfg.power, ctx.profile)
+        self._last_scanner: bool | None = None
+        self._last_power_state: str | None = None
+
+    def _scanner_draw(self) -> tuple[float | None, float, str | None]:
+        reading = self._last_power
+        if reading is None:
+            return None, 0.0, "no reading yet"
+        var = self.ctx.config.power.scanner_power_var
+        value = reading.ups_load_percent if var == "ups.load" else reading.ups_realpower_w
+        return value, reading.taken_at, reading.error
+
+    def observe(self, *, run_now: bool = False, starving: bool = False) -> Observation:
+        now = time.time()
+        power = self.power_source.read() if self.power_source is not None else None
+        self._last_power = power
+        scanner = combine([s.read(now) for s in self.sources], rule=self.ctx.config.scheduler.scanner_rule,
+                          failsafe=self.ctx.config.scheduler.failsafe)
+        decision = self.gate.decide(now, scanner, power, run_now=run_now, starving=starving)
+        self._record_changes(now, scanner, power)
+        return Observation(now, scanner, power, decision)
+
+    def _record_changes(self, now: float, scanner: ScannerState, power: PowerReading | None) -> None:
+        store = self.ctx.store
+        if scanner.busy != self._last_scanner:
+            store.add_event("scanner", "scheduler", "busy" if scanner.busy else "idle", scanner.reason, ts=now)
+            self._last_scanner = scanner.busy
+        if power is not None:
+            state = ("stale" if power.stale else "battery-low" if power.low_battery else
+                     "battery" if power.on_mains is False else "mains")
+            if state != self._last_power_state:
+                detail = power.error or f"{power.status_raw} charge={power.battery_percent} runtime_s={power.runtime_s}"
+                store.add_event("power", power.source, state, detail, ts=now)
+                self._last_power_state = state
