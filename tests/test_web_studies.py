@@ -46,3 +46,21 @@ def test_empty_store_says_how_to_get_studies(data_dir: Path) -> None:
     with web_server(data_dir) as url, chromium_page() as page:
         page.goto(url + "/")
         assert "No studies received yet" in page.inner_text("main")
+
+
+def test_page_says_why_a_study_waits(data_dir: Path) -> None:
+    from appliance.store import jobs
+
+    _seed_store(data_dir)
+    store = Store(data_dir)
+    jobs.enqueue(store, "1.2.826.0.1.3680043.10.1", "1.2.826.0.1.3680043.10.1.1", "pancreas")
+    reason = "waiting: scanner busy: MPPS exam in progress since 10:42 (mpps)"
+    jobs.set_waiting_reason(store, reason)
+    store.add_event("scanner", "scheduler", "busy", reason)
+    store.close()
+    with web_server(data_dir) as url, chromium_page() as page:
+        page.goto(url + "/")
+        row = page.locator("table.studies tbody tr").first
+        assert row.locator(".state").inner_text() == "queued"
+        assert row.locator(".why").inner_text() == reason
+        assert "scanner: busy" in page.locator(".status").inner_text()

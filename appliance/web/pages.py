@@ -17,6 +17,14 @@ def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
 
 
+def latest_states() -> list[dict]:
+    """The newest scanner and power event, so staff see at a glance why work may be waiting."""
+    rows = ctx().store.query(
+        "SELECT kind, state, ts, detail FROM events e WHERE kind IN ('scanner', 'power') AND id = "
+        "(SELECT MAX(id) FROM events WHERE kind = e.kind) ORDER BY kind DESC")
+    return [dict(r) for r in rows]
+
+
 @bp.get("/")
 def index() -> str:
-    return render_template("studies.html", studies=list_studies(ctx().store))
+    return render_template("studies.html", studies=list_studies(ctx().store), status=latest_states())
