@@ -66,6 +66,7 @@ def run_demo(ctx: AppContext, folders: list[Path], *, web: tuple[str, int], dico
     procs = [
         _service(ctx, "dicom", "--port", str(dicom_port), "--ae-title", ae_title, "--allow-any-ae"),
         _service(ctx, "serve", "--host", web[0], "--port", str(web[1])),
+        _service(ctx, "worker"),
     ]
     try:
         _wait_port("127.0.0.1", dicom_port, procs[0])

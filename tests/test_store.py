@@ -69,9 +69,8 @@ def test_job_state_machine(data_dir: Path) -> None:
         jobs.transition(store, job, "done", owner="w2")
     jobs.transition(store, job, "done", owner="w1")
     assert jobs.get(store, job)["state"] == "done"
-    with pytest.raises(sqlite3.IntegrityError):
-        with store.transaction() as conn:
-            conn.execute("UPDATE jobs SET state = 'bogus' WHERE id = ?", (job,))
+    with pytest.raises(sqlite3.IntegrityError), store.transaction() as conn:
+        conn.execute("UPDATE jobs SET state = 'bogus' WHERE id = ?", (job,))
 
 
 def test_atomic_write_leaves_old_or_new(tmp_path: Path) -> None:

@@ -39,9 +39,29 @@ def _generate(phantom_dir: Path, slices: int) -> list[Path]:
     return folders
 
 
+DEMO_CONFIG = """# Written by `edgescreen demo`: short waits so a demo shows the whole flow in a minute.
+[site]
+name = "edgescreen demo"
+
+[dicom]
+allow_any_ae = true
+stable_after_s = 5
+
+[scheduler]
+idle_grace_s = 10
+store_quiet_s = 5
+"""
+
+
 def run(args: argparse.Namespace, ctx) -> int:
+    from appliance.config import load_site_config
     from appliance.demo import run_demo
 
+    if ctx.config_path is None:  # a site config given with --config is used as it is
+        path = ctx.data_dir / "demo-site.toml"
+        ctx.data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(DEMO_CONFIG)
+        ctx.config, ctx.config_path = load_site_config(path), path
     ctx.store  # noqa: B018 - create and migrate the store before the services start
     print(f"generating phantom studies in {ctx.data_dir / 'phantoms'} ...", flush=True)
     folders = _generate(ctx.data_dir / "phantoms", args.slices)

@@ -41,6 +41,7 @@ class Worker:
         self.once = once
         self.stop = threading.Event()
         self.gate = LiveGate(ctx)
+        self.bundle_dir = Path(ctx.config.hardware.bundle) if ctx.config.hardware.bundle else None
 
     # -- the loop ---------------------------------------------------------------------------------
     def run_forever(self) -> None:
@@ -87,7 +88,7 @@ class Worker:
         return self.store.results_dir / f"job-{job_id}", self.store.work_dir / f"job-{job_id}" / "checkpoint"
 
     def run_job(self, job: dict, *, threads: int | None = None) -> str:
-        from appliance.pipeline.analyze import analyze_study
+        from appliance.pipeline.analyze import InputError, analyze_study
         from appliance.pipeline.checkpoint import Preempted
         from appliance.pipeline.ctload import SeriesError
 
@@ -115,8 +116,8 @@ class Worker:
         self._preempt_reason = None
         paths = series_files(self.store, job["series_uid"])
         try:
-            findings = analyze_study(paths, out_dir, checkpoint_dir=ckpt_dir, gate=gate,
-                                     threshold=self._threshold(job["pipeline"]))
+            findings = analyze_study(paths, out_dir, checkpoint_dir=ckpt_dir, gate=gate, threads=threads,
+                                     threshold=self._threshold(job["pipeline"]), bundle_dir=self.bundle_dir)
         except Preempted as exc:
             reason = self._preempt_reason or "waiting: gate closed"
             jobs.release(self.store, job_id, self.owner, to="queued", reason=reason, stage=exc.safe_point)
@@ -127,7 +128,7 @@ class Worker:
         except LeaseLost as exc:
             jlog.warning("job abandoned", reason=str(exc))
             return "lease-lost"
-        except SeriesError as exc:
+        except (SeriesError, InputError) as exc:
             jobs.release(self.store, job_id, self.owner, to="quarantined", error=str(exc))
             self.store.add_event("job", "worker", "quarantined", json.dumps({"job": job_id, "reason": str(exc)}))
             jlog.warning("job quarantined", reason=str(exc))
