@@ -6,7 +6,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # Versions the tests passed with; a fresh install months from now gets the same.
 PIP_INSTALL := $(BIN)/pip install -q --disable-pip-version-check -c constraints.txt
-DEBIAN_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb nut-server nut-client chromium fonts-dejavu-core
+# python3-venv for the virtualenv; the rest are the real peers the tests start on loopback.
+DEBIAN_RUNTIME := python3-venv
+DEBIAN_TEST    := $(DEBIAN_RUNTIME) dcmtk dicom3tools orthanc orthanc-dicomweb nut-server nut-client chromium \
+                  fonts-dejavu-core ghostscript
 DATA ?= ../shared/data/mini-mias
 
 .PHONY: help demo test lint models evaluate bench debian-deps clean
@@ -18,6 +21,7 @@ help:
 	@echo "make lint   - ruff"
 
 $(BIN)/python:
+	@$(MAKE) --no-print-directory debian-deps PACKAGES="$(DEBIAN_RUNTIME)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
 
@@ -29,8 +33,9 @@ $(VENV)/.dev: $(VENV)/.runtime
 	$(PIP_INSTALL) -e '.[dev,optimize,train]'
 	touch $@
 
+PACKAGES ?= $(DEBIAN_TEST)
 debian-deps:
-	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages:$$missing"; \
@@ -41,7 +46,7 @@ debian-deps:
 demo: $(VENV)/.runtime
 	$(BIN)/edgescreen --data-dir demo-data demo
 
-test: $(VENV)/.dev debian-deps
+test: debian-deps $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -rs
 

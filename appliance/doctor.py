@@ -97,7 +97,7 @@ def check_store(ctx: AppContext) -> Check:
     try:
         store = ctx.store
         ok = store.integrity_ok()
-        report = store.recover()
+        report = store.recover(remove_temp=False)
     except StoreError as exc:
         return Check("database", False, str(exc))
     if not ok:
@@ -109,9 +109,24 @@ def check_store(ctx: AppContext) -> Check:
     return Check("database", True, detail)
 
 
+def check_web_exposure(ctx: AppContext) -> Check:
+    """The UI has no login yet: listening beyond loopback shows patient names to the whole LAN."""
+    import ipaddress
+
+    host = ctx.config.web.host
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return Check("web exposure", True, f"UI on {host} only")
+    return Check("web exposure", False, f"UI listens on {host} without staff login: anyone on the LAN sees patient "
+                 "names; restrict the clinic LAN or set [web] host = \"127.0.0.1\"", required=False)
+
+
 def run_checks(ctx: AppContext) -> list[Check]:
     checks = [check_python(), *check_packages(), *check_backends(), check_data_dir(ctx.data_dir),
-              check_disk(ctx.data_dir), check_profile(ctx)]
-    if checks[-3].ok:
+              check_disk(ctx.data_dir), check_profile(ctx), check_web_exposure(ctx)]
+    if checks[-4].ok:  # the data dir is writable
         checks.append(check_store(ctx))
     return checks

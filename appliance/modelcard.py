@@ -110,7 +110,7 @@ class ModelCard(_Strict):
     role: Role
     name: str
     version: str
-    file: str = Field(description="ONNX file name, relative to the card")
+    file: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="ONNX file name beside the card (no path)")
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[OutputSpec] = Field(min_length=1)
     preprocessing: Preprocessing

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -20,13 +21,15 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 @contextlib.contextmanager
 def web_server(data_dir: Path, *extra: str) -> Iterator[str]:
     port = free_port()
+    log_path = data_dir / "serve.log"  # a file, not a pipe: a chatty server must never block on a full pipe
+    log = open(log_path, "w")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen([*EDGESCREEN, "--data-dir", str(data_dir), *extra, "serve", "--port", str(port)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "EDGESCREEN_CONFIG": ""})
     try:
         deadline = time.monotonic() + 30
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"edgescreen serve exited {proc.returncode}: {proc.stdout.read()}")
+                raise AssertionError(f"edgescreen serve exited {proc.returncode}: {log_path.read_text()}")
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     break
@@ -41,6 +44,7 @@ def web_server(data_dir: Path, *extra: str) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
 
 
 @contextlib.contextmanager

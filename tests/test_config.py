@@ -100,3 +100,23 @@ def test_data_dir_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("XDG_DATA_HOME", raising=False)
     assert resolve_paths(None, SiteConfig()) == (tmp_path / "home/.local/share/edgescreen").resolve()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[scheduler]\nclinic_hours = "25:99-07:00"\n', "scheduler.clinic_hours = \"25:99-07:00\": String should match"),
+        ('[power]\nscanner_power_var = "ups.banana"\n', "power.scanner_power_var = \"ups.banana\""),
+        ('[power]\nscanner_power_var = "ups.load"\nscanner_busy_above = 60\n', "scanner_power_var needs nut_host"),
+    ],
+)
+def test_power_and_schedule_rules(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_site_config(write(tmp_path, text))
+    assert expected in str(err.value)
+
+
+def test_config_from_environment_is_reported_as_in_force(tmp_path: Path, data_dir: Path) -> None:
+    path = write(tmp_path, '[site]\nname = "Clinic 7"\n')
+    proc = run_cli("config", data_dir=data_dir, env={"EDGESCREEN_CONFIG": str(path)})
+    assert proc.returncode == 0 and f"config: {path}" in proc.stdout

@@ -54,3 +54,21 @@ def test_bad_trace_is_exit_2_naming_the_field(tmp_path: Path) -> None:
         {"mpps_in_progress_min": 10, "busy_min": [5, 12], "mpps_completed_min": 13}]}))
     proc = run_cli("simulate", str(bad), data_dir=tmp_path / "d")
     assert proc.returncode == 2 and "exams[0]" in proc.stderr
+
+
+def test_overlap_is_measured_when_the_scanner_gives_no_warning(tmp_path: Path) -> None:
+    """Negative control: with no positioning time between MPPS IN PROGRESS and the scanner's draw, a
+    running job finishes its tile batch into the busy window; the simulator must see that, and it
+    must stay within one batch."""
+    trace = {"name": "no warning", "duration_h": 1, "exams": [
+        {"mpps_in_progress_min": 10, "busy_min": [10, 15], "mpps_completed_min": 16, "studies": []}],
+        "arrivals": [{"t_min": 1.05, "pipeline": "mammo"}],  # batches end at 603 s, not 600 s
+        "model": {"pancreas_s": 60, "mammo_s": 3600, "tile_batch_s": 5}}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(trace))
+    out = tmp_path / "out.json"
+    proc = run_cli("simulate", str(path), "--json", str(out), data_dir=tmp_path / "d")
+    figures = json.loads(out.read_text())
+    assert proc.returncode == 1
+    assert 0 < figures["overlap_seconds"] <= 5
+    assert figures["preemptions"] == 1 and figures["jobs_done"] == 1

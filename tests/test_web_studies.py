@@ -64,3 +64,21 @@ def test_page_says_why_a_study_waits(data_dir: Path) -> None:
         assert row.locator(".state").inner_text() == "queued"
         assert row.locator(".why").inner_text() == reason
         assert "scanner: busy" in page.locator(".status").inner_text()
+
+
+def test_patient_names_are_escaped_and_pages_are_not_cached(data_dir: Path) -> None:
+    store = Store(data_dir)
+    evil = '<img src=x onerror="document.title=1">'
+    store_instance(store, IncomingInstance("1.2.3.4.5", "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.3.4.9",
+                                           study={"patient_name": evil}, series={"modality": "CT"}), b"x")
+    store.close()
+    with web_server(data_dir) as url:
+        with urllib.request.urlopen(url + "/", timeout=10) as resp:
+            html = resp.read().decode()
+            assert resp.headers["Cache-Control"] == "no-store"
+            assert "frame-ancestors 'none'" in resp.headers["Content-Security-Policy"]
+        assert evil not in html and "&lt;img" in html
+        with chromium_page() as page:
+            page.goto(url + "/")
+            assert page.title() != "1"
+            assert page.locator("table.studies img").count() == 0

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from appliance import RESEARCH_USE_BANNER, __version__
 from appliance.config import ConfigError, load_site_config, resolve_paths
+from appliance.config.load import find_config
 from appliance.logs import setup_logging
 
 # name -> (module, one-line help). Order is the order --help shows.
@@ -22,11 +23,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("appliance.cli.doctor", "check this box: Python, packages, backends, data dir, disk, profile"),
     "phantom": ("appliance.cli.phantom", "write synthetic phantom DICOM studies (CT, mammography)"),
     "studies": ("appliance.cli.studies", "list received studies with their series and state"),
+    "dicom": ("appliance.cli.dicom_cmd", "run the DICOM service: C-STORE/C-ECHO/MPPS receiver, result export to PACS"),
+    "quarantine": ("appliance.cli.quarantine", "list instances the DICOM service refused, with their reasons"),
     "config": ("appliance.cli.config_cmd", "validate and show the site config and hardware profile"),
     "worker": ("appliance.cli.worker", "run queued analyses whenever the scanner is idle and power allows"),
     "jobs": ("appliance.cli.jobs", "list the job queue; mark a job urgent or run-now (audited)"),
     "scanner": ("appliance.cli.scanner", "set the scanner switch busy|idle|auto, or show what the gate sees"),
     "simulate": ("appliance.cli.simulate", "replay a clinic-day trace through the real scheduler"),
+    "optimize": ("appliance.cli.optimize_cmd", "quantise, compile and validate the models for this box into a signed bundle"),
+    "bundle": ("appliance.cli.bundle_cmd", "verify, install, roll back or list signed model bundles"),
 }
 
 
@@ -58,16 +63,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     from appliance.context import AppContext  # deferred: keeps --help and --version light
+    from appliance.store import StoreError
 
     try:
-        config = load_site_config(args.config)
+        config_path = find_config(args.config)
+        config = load_site_config(config_path)
         setup_logging(args.log_level or config.logging.level)
         ctx = AppContext(config=config, data_dir=resolve_paths(args.data_dir, config),
-                         config_path=args.config, _profile_override=args.profile)
+                         config_path=config_path, _profile_override=args.profile)
         return int(args._run(args, ctx) or 0)
     except ConfigError as exc:
         print(f"edgescreen: config error: {exc}", file=sys.stderr)
         return 2
+    except StoreError as exc:
+        print(f"edgescreen: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

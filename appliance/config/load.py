@@ -25,7 +25,8 @@ class ConfigError(ValueError):
     """A configuration that cannot be used. The CLI prints it on one line and exits 2."""
 
 
-def _describe(err: ValidationError, path: Path, prefix: str = "") -> str:
+def describe_error(err: ValidationError, path: Path, prefix: str = "") -> str:
+    """One line: the file, the dotted key, the value and the rule it broke."""
     first = err.errors()[0]
     key = prefix + ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
     msg = first["msg"].removeprefix("Value error, ")
@@ -54,7 +55,7 @@ def _validate(model: type[BaseModel], raw: dict, path: Path) -> BaseModel:
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path)) from None
+        raise ConfigError(describe_error(exc, path)) from None
 
 
 def find_config(explicit: str | Path | None) -> Path | None:

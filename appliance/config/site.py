@@ -19,8 +19,9 @@ def _check_ae_title(value: str) -> str:
 
 
 class Site(_Section):
+    """Clock times (clinic hours, the UI) follow the box's own time zone, set in the OS at provisioning."""
+
     name: str = "edgescreen demo site"
-    timezone: str = "UTC"
 
 
 class AllowedPeer(_Section):
@@ -40,13 +41,27 @@ class AllowedPeer(_Section):
 
 
 class Pacs(_Section):
+    """Where results (SEG, SR, summary) are sent: C-STORE to ae_title@host:port and/or STOW-RS to dicomweb_url."""
+
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
     dicomweb_url: str | None = None
+    # "dimse": C-STORE only; "dicomweb": STOW-RS only; "both": each result goes both ways (two outbox rows)
+    via: Literal["dimse", "dicomweb", "both"] = "dimse"
     retries: int = Field(default=5, ge=0, le=100)
+    # exponential backoff between attempts: retry_base_s * 2**(attempt-1), capped at retry_max_s
+    retry_base_s: float = Field(default=30.0, gt=0, le=86400)
+    retry_max_s: float = Field(default=3600.0, gt=0, le=7 * 86400)
+    timeout_s: float = Field(default=30.0, gt=0, le=600)
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @model_validator(mode="after")
+    def _url_for_dicomweb(self) -> Pacs:
+        if self.via != "dimse" and not self.dicomweb_url:
+            raise ValueError(f"pacs.via = {self.via!r} needs pacs.dicomweb_url")
+        return self
 
 
 class Dicom(_Section):
@@ -56,7 +71,14 @@ class Dicom(_Section):
     allow_any_ae: bool = False
     allowed: list[AllowedPeer] = Field(default_factory=list)
     stable_after_s: float = Field(default=30.0, gt=0, le=3600)
+    # our maximum receive PDU; 0 = unlimited. Large PDUs cut the per-PDU Python cost of receiving.
     max_pdu: int = Field(default=0, ge=0)
+    # refuse C-STORE with 0xA700 (out of resources) when the data disk has less than this free
+    min_free_mb: float = Field(default=500.0, ge=0)
+    # "auto": fsync the directory after a rename only where the file system does not already make the
+    # rename durable with the file's fsync (ext4/xfs/btrfs journal it); "always": fsync it everywhere
+    fsync_dir: Literal["auto", "always"] = "auto"
+    max_associations: int = Field(default=10, ge=1, le=200)
     pacs: Pacs | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
@@ -80,7 +102,8 @@ class Scheduler(_Section):
     failsafe: Literal["busy", "idle"] = "busy"
     scanner_rule: Literal["any_busy", "all_busy"] = "any_busy"
     store_quiet_s: float = Field(default=60.0, ge=0, le=86400)
-    clinic_hours: str | None = Field(default=None, pattern=r"^\d{2}:\d{2}-\d{2}:\d{2}$")
+    clinic_hours: str | None = Field(default=None, pattern=r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$",
+                                     description="HH:MM-HH:MM, local time; may wrap midnight")
     starvation_s: float = Field(default=6 * 3600.0, gt=0)
     lease_s: float = Field(default=120.0, gt=1, le=3600)
 
@@ -91,12 +114,19 @@ class Power(_Section):
     nut_ups: str = "ups"
     nut_username: str | None = None
     nut_password: str | None = None
-    scanner_power_var: str | None = None
+    scanner_power_var: Literal["ups.realpower", "ups.load"] | None = None
     scanner_busy_above: float | None = None
     min_battery_percent: float = Field(default=40.0, ge=0, le=100)
     min_runtime_min: float = Field(default=15.0, ge=0)
     site_budget_w: float | None = Field(default=None, gt=0)
     stale_after_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _scanner_meter_needs_nut(self) -> Power:
+        if self.scanner_power_var is not None and (self.nut_host is None or self.scanner_busy_above is None):
+            raise ValueError("scanner_power_var needs nut_host (the UPS that meters the scanner's circuit) "
+                             "and scanner_busy_above")
+        return self
 
 
 class Sync(_Section):

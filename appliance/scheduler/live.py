@@ -71,14 +71,19 @@ class LiveGate:
         value = reading.ups_load_percent if var == "ups.load" else reading.ups_realpower_w
         return value, reading.taken_at, reading.error
 
-    def observe(self, *, run_now: bool = False, starving: bool = False) -> Observation:
+    def read(self) -> tuple[float, ScannerState, PowerReading | None]:
+        """Read every source once; changes of scanner or power state are recorded as events."""
         now = time.time()
         power = self.power_source.read() if self.power_source is not None else None
         self._last_power = power
         scanner = combine([s.read(now) for s in self.sources], rule=self.ctx.config.scheduler.scanner_rule,
                           failsafe=self.ctx.config.scheduler.failsafe)
-        decision = self.gate.decide(now, scanner, power, run_now=run_now, starving=starving)
         self._record_changes(now, scanner, power)
+        return now, scanner, power
+
+    def observe(self, *, run_now: bool = False, starving: bool = False) -> Observation:
+        now, scanner, power = self.read()
+        decision = self.gate.decide(now, scanner, power, run_now=run_now, starving=starving)
         return Observation(now, scanner, power, decision)
 
     def _record_changes(self, now: float, scanner: ScannerState, power: PowerReading | None) -> None:

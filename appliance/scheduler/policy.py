@@ -53,8 +53,9 @@ class PowerGate:
         idle_since = max((t for t in (scanner.since, self.last_busy_at) if t is not None), default=None)
         grace = 0.0 if run_now else (min(self.cfg.idle_grace_s, STARVING_GRACE_S) if starving else self.cfg.idle_grace_s)
         if idle_since is not None and now - idle_since < grace:
-            return Decision(False, f"waiting: scanner idle since {_clock(idle_since)}, "
-                            f"{now - idle_since:.0f} s of the {grace:.0f} s grace period", mains_mode)
+            # no running count in the text: a reason that changes every poll would rewrite every queued row
+            return Decision(False, f"waiting: scanner idle since {_clock(idle_since)}, {grace:.0f} s grace period "
+                            f"until {_clock(idle_since + grace)}", mains_mode)
         ok, reason, on_battery = self._power_ok(now, power, run_now)
         mode = self.profile.mode_for(on_battery=on_battery)
         if not ok:
@@ -90,7 +91,8 @@ class PowerGate:
                 return False, (f"on battery, {power.runtime_s / 60:.0f} min runtime < "
                                f"{cfg.min_runtime_min:.0f} min"), True
         if not run_now and self.power_bad_at is not None and now - self.power_bad_at < POWER_GRACE_S:
-            return False, f"power recovered {now - self.power_bad_at:.0f} s ago, waiting {POWER_GRACE_S:.0f} s", on_battery
+            return False, (f"power recovered at {_clock(self.power_bad_at)}, waiting {POWER_GRACE_S:.0f} s "
+                           "to be sure it holds"), on_battery
         if on_battery:
             return True, f"on battery, {power.battery_percent if power.battery_percent is not None else '?'}%", True
         return True, "on mains", False
@@ -106,3 +108,19 @@ class PowerGate:
         if left < mode.watts:
             return f"site budget {budget:.0f} W - scanner {scanner_w:.0f} W leaves {left:.0f} W < {mode.watts:.0f} W needed"
         return None
+
+
+def plan(gate: PowerGate, now: float, scanner: ScannerState, power: PowerReading | None, *,
+         oldest_queued_age_s: float, starvation_s: float, run_now_waiting: bool) -> tuple[Decision, bool, bool]:
+    """The worker's choice between safe points, shared with the simulator: (decision, only_run_now, starving).
+
+    A starving queue shortens the idle grace; if the gate is still closed and staff marked a job
+    "run now", the gate is asked again for that job alone.
+    """
+    starving = oldest_queued_age_s > starvation_s
+    decision = gate.decide(now, scanner, power, starving=starving)
+    if not decision.run and run_now_waiting:
+        forced = gate.decide(now, scanner, power, run_now=True)
+        if forced.run:
+            return forced, True, starving
+    return decision, False, starving

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import json
 import math
+from html import escape
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from appliance.config.load import describe_error
 from appliance.config.profile import HardwareProfile
 from appliance.config.site import Power, Scheduler
 from appliance.power.sources import PowerReading
-from appliance.scheduler.policy import PowerGate
+from appliance.scheduler.policy import PowerGate, plan
 from appliance.scheduler.scanner import ScannerSignal, combine
 from appliance.store import Store, jobs
 
@@ -111,6 +115,17 @@ def load_trace(path: Path) -> dict:
         b0, b1 = exam["busy_min"]
         if not exam["mpps_in_progress_min"] <= b0 <= b1 <= exam["mpps_completed_min"]:
             raise TraceError(f"{path}: exams[{i}]: need mpps_in_progress <= busy start <= busy end <= mpps_completed")
+    for section, model_cls in (("scheduler", Scheduler), ("power_policy", Power)):
+        try:
+            model_cls(**trace.get(section, {}))
+        except ValidationError as exc:
+            raise TraceError(describe_error(exc, Path(path), prefix=f"{section}.")) from None
+    for pipeline in {a.get("pipeline") for a in trace.get("arrivals", [])} | {
+            p for e in trace["exams"] for p in e.get("studies", ["pancreas"])}:
+        if pipeline not in ("pancreas", "mammo"):
+            raise TraceError(f"{path}: unknown pipeline {pipeline!r}; use pancreas or mammo")
+        if f"{pipeline}_s" not in trace["model"]:
+            raise TraceError(f"{path}: model.{pipeline}_s is missing (compute seconds per {pipeline} study)")
     return trace
 
 
@@ -164,14 +179,14 @@ def simulate(trace: dict, profile: HardwareProfile, *, step_s: float = 1.0) -> S
     battery = _Battery(float(model.get("ups_capacity_wh", 300.0)), float(model.get("battery_percent", 100.0)),
                        float(model.get("low_battery_percent", 20.0)))
 
-    arrivals: list[tuple[float, str, bool]] = []
+    arrivals: list[tuple[float, str, bool, bool]] = []
     for exam in trace["exams"]:
         for pipeline in exam.get("studies", ["pancreas"]):
-            arrivals.append((exam["busy_min"][1] * 60.0 + float(model.get("transfer_s", 20.0)), pipeline, False))
+            arrivals.append((exam["busy_min"][1] * 60.0 + float(model.get("transfer_s", 20.0)), pipeline, False, False))
     for a in trace.get("arrivals", []):
-        arrivals.append((a["t_min"] * 60.0, a["pipeline"], bool(a.get("urgent", False))))
+        arrivals.append((a["t_min"] * 60.0, a["pipeline"], bool(a.get("urgent", False)), bool(a.get("run_now", False))))
     arrivals.sort()
-    image_windows = [(t - float(model.get("transfer_s", 20.0)), t + quiet_s) for t, p, _ in arrivals if p == "pancreas"]
+    image_windows = [(t - float(model.get("transfer_s", 20.0)), t + quiet_s) for t, p, _, _ in arrivals if p == "pancreas"]
 
     result = SimResult(trace["name"], duration)
     with tempfile.TemporaryDirectory(prefix="edgescreen-sim-") as tmp:
@@ -179,6 +194,7 @@ def simulate(trace: dict, profile: HardwareProfile, *, step_s: float = 1.0) -> S
         sim_jobs: dict[int, SimJob] = {}
         next_arrival = 0
         running: SimJob | None = None
+        running_flags = (False, False)  # (run_now, starving) of the running job, as the worker passes them
         run_started = 0.0
         batch_left = 0.0
         on_mains = True
@@ -195,7 +211,7 @@ def simulate(trace: dict, profile: HardwareProfile, *, step_s: float = 1.0) -> S
                     battery.percent = float(ev["battery_percent"])
                 power_idx += 1
             while next_arrival < len(arrivals) and arrivals[next_arrival][0] <= t:
-                at, pipeline, urgent = arrivals[next_arrival]
+                at, pipeline, urgent, run_now = arrivals[next_arrival]
                 uid = f"2.25.{next_arrival + 1}"
                 with store.transaction() as conn:
                     conn.execute("INSERT INTO studies (study_uid, received_at, updated_at) VALUES (?, ?, ?)", (uid, at, at))
@@ -203,7 +219,8 @@ def simulate(trace: dict, profile: HardwareProfile, *, step_s: float = 1.0) -> S
                                  "VALUES (?, ?, ?, ?)", (uid + ".1", uid, at, at))
                 job_id = jobs.enqueue(store, uid, uid + ".1", pipeline)
                 with store.transaction() as conn:
-                    conn.execute("UPDATE jobs SET created_at = ?, urgent = ? WHERE id = ?", (at, int(urgent), job_id))
+                    conn.execute("UPDATE jobs SET created_at = ?, urgent = ?, run_now = ? WHERE id = ?",
+                                 (at, int(urgent), int(run_now), job_id))
                 sim_jobs[job_id] = SimJob(job_id, pipeline, at, float(model[f"{pipeline}_s"]), urgent)
                 next_arrival += 1
 
@@ -217,16 +234,14 @@ def simulate(trace: dict, profile: HardwareProfile, *, step_s: float = 1.0) -> S
             mode_watts = profile.mode_for(on_battery=not on_mains).watts
             draw = mode_watts if running is not None else profile.idle_watts
             reading = battery.reading(t, on_mains, draw)
-            oldest = min((j.arrive for j in sim_jobs.values() if j.first_start is None or j.finished is None), default=t)
 
             if running is not None and batch_left <= 0:
-                # a safe point: between tile batches, the worker asks the gate again
-                decision = gate.decide(t, scanner, reading)
+                # a safe point: between tile batches the worker asks the gate again, with the job's own flags
+                decision = gate.decide(t, scanner, reading, run_now=running_flags[0], starving=running_flags[1])
                 if running.done_s >= running.work_s - 1e-9:
                     running.finished = t
                     result.runs.append((run_started, t, running.pipeline))
-                    with store.transaction() as conn:
-                        conn.execute("UPDATE jobs SET state = 'done', finished_at = ? WHERE id = ?", (t, running.id))
+                    jobs.finish(store, running.id, "sim", triage="not_suspicious", findings_json="{}", output_dir="")
                     running = None
                 elif not decision.run:
                     running.preemptions += 1
@@ -237,11 +252,18 @@ def simulate(trace: dict, profile: HardwareProfile, *, step_s: float = 1.0) -> S
                     speed = decision.mode.threads / profile.mode_for(on_battery=False).threads
                     batch_left = batch_s / max(speed, 1e-3)
             if running is None:
-                decision = gate.decide(t, scanner, reading, starving=t - oldest > sched.starvation_s)
+                oldest = store.query_one("SELECT MIN(created_at) FROM jobs WHERE state = 'queued'")[0]
+                run_now_waiting = store.query_one(
+                    "SELECT 1 FROM jobs WHERE state = 'queued' AND run_now = 1") is not None
+                decision, only_run_now, starving = plan(
+                    gate, t, scanner, reading, oldest_queued_age_s=t - oldest if oldest is not None else 0.0,
+                    starvation_s=sched.starvation_s, run_now_waiting=run_now_waiting)
                 if decision.run:
-                    claimed = jobs.claim_next(store, "sim", 1e9, now=t, starvation_s=sched.starvation_s)
+                    claimed = jobs.claim_next(store, "sim", 1e9, now=t, starvation_s=sched.starvation_s,
+                                              only_run_now=only_run_now)
                     if claimed is not None:
                         running = sim_jobs[claimed["id"]]
+                        running_flags = (bool(claimed["run_now"]), starving)
                         running.first_start = running.first_start if running.first_start is not None else t
                         run_started = t
                         speed = decision.mode.threads / profile.mode_for(on_battery=False).threads
@@ -281,8 +303,8 @@ def render_svg(result: SimResult, trace: dict) -> str:
             "arrivals": 30 + 4 * row_h}
     height = 30 + 5 * row_h + 30
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-             f'font-size="11"><title>{trace["name"]}</title>',
-             f'<text x="{left}" y="16" font-size="13">{trace["name"]}: overlap {result.overlap_seconds:.0f} s, '
+             f'font-size="11"><title>{escape(trace["name"])}</title>',
+             f'<text x="{left}" y="16" font-size="13">{escape(trace["name"])}: overlap {result.overlap_seconds:.0f} s, '
              f'{sum(1 for j in result.jobs if j.finished is not None)}/{len(result.jobs)} jobs done</text>']
     for label, y in rows.items():
         parts.append(f'<text x="4" y="{y + 16}">{label}</text>')

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
+import sqlite3
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from appliance.context import AppContext
 from appliance.logs import get_logger
 from appliance.scheduler.live import LiveGate
 from appliance.store import jobs
-from appliance.store.instances import series_files
+from appliance.store.instances import job_files
 
 log = get_logger(__name__)
 
@@ -35,7 +38,7 @@ class Worker:
     def __init__(self, ctx: AppContext, *, poll_s: float = POLL_S, once: bool = False) -> None:
         self.ctx = ctx
         self.store = ctx.store
-        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # pids repeat across restarts
         self.lease_s = ctx.config.scheduler.lease_s
         self.poll_s = poll_s
         self.once = once
@@ -59,21 +62,21 @@ class Worker:
 
     def step(self) -> bool:
         """One scheduling decision; True when a job ran (to completion or to a preemption)."""
+        from appliance.scheduler.policy import plan
+
         jobs.reclaim_expired(self.store)
-        starving = self._oldest_queued_age() > self.ctx.config.scheduler.starvation_s
-        obs = self.gate.observe(starving=starving)
-        only_run_now = False
-        if not obs.decision.run and self._has_run_now():
-            obs = self.gate.observe(run_now=True)
-            only_run_now = obs.decision.run
-        if not obs.decision.run:
-            jobs.set_waiting_reason(self.store, obs.decision.reason)
+        now, scanner, power = self.gate.read()
+        decision, only_run_now, starving = plan(
+            self.gate.gate, now, scanner, power, oldest_queued_age_s=self._oldest_queued_age(),
+            starvation_s=self.ctx.config.scheduler.starvation_s, run_now_waiting=self._has_run_now())
+        if not decision.run:
+            jobs.set_waiting_reason(self.store, decision.reason)
             return False
         job = jobs.claim_next(self.store, self.owner, self.lease_s, starvation_s=self.ctx.config.scheduler.starvation_s,
                               only_run_now=only_run_now)
         if job is None:
             return False
-        self.run_job(job, threads=obs.decision.mode.threads)
+        self.run_job(job, threads=decision.mode.threads, starving=starving)
         return True
 
     def _oldest_queued_age(self) -> float:
@@ -87,7 +90,7 @@ class Worker:
     def job_dirs(self, job_id: int) -> tuple[Path, Path]:
         return self.store.results_dir / f"job-{job_id}", self.store.work_dir / f"job-{job_id}" / "checkpoint"
 
-    def run_job(self, job: dict, *, threads: int | None = None) -> str:
+    def run_job(self, job: dict, *, threads: int | None = None, starving: bool = False) -> str:
         from appliance.pipeline.analyze import InputError, analyze_study
         from appliance.pipeline.checkpoint import Preempted
         from appliance.pipeline.ctload import SeriesError
@@ -95,29 +98,34 @@ class Worker:
         job_id = job["id"]
         jlog = log.bind(job=job_id, study=job["study_uid"], series=job["series_uid"])
         out_dir, ckpt_dir = self.job_dirs(job_id)
+        # outputs go to a private directory and are moved into place only by the lease holder
+        attempt_dir = self.store.work_dir / f"job-{job_id}" / f"out-{self.owner.replace(':', '-')}"
+        shutil.rmtree(attempt_dir, ignore_errors=True)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         resumed = any(ckpt_dir.iterdir())
         self.store.add_event("job", "worker", "resumed" if resumed else "started",
                              json.dumps({"job": job_id, "owner": self.owner}))
-        jlog.info("job running", resumed=resumed, attempt=job["attempts"])
+        jlog.info("job running", resumed=resumed, crashes=job["attempts"])
         run_now = bool(job["run_now"])
+        self._preempt_reason = None
+        lease = _LeaseKeeper(self.store, job_id, self.owner, self.lease_s)
 
         def gate(safe_point: str) -> bool:
             if self.stop.is_set():
                 self._preempt_reason = "waiting: worker was stopped; resumes from its checkpoint"
                 return False
-            if not jobs.renew_lease(self.store, job_id, self.owner, self.lease_s, stage=safe_point):
+            if lease.lost.is_set() or not jobs.renew_lease(self.store, job_id, self.owner, self.lease_s, stage=safe_point):
                 raise LeaseLost(f"job {job_id}: lease lost at {safe_point}")
-            obs = self.gate.observe(run_now=run_now)
+            obs = self.gate.observe(run_now=run_now, starving=starving)
             if not obs.decision.run:
                 self._preempt_reason = obs.decision.reason
             return obs.decision.run
 
-        self._preempt_reason = None
-        paths = series_files(self.store, job["series_uid"])
         try:
-            findings = analyze_study(paths, out_dir, checkpoint_dir=ckpt_dir, gate=gate, threads=threads,
-                                     threshold=self._threshold(job["pipeline"]), bundle_dir=self.bundle_dir)
+            with lease:
+                findings = analyze_study(job_files(self.store, job), attempt_dir, checkpoint_dir=ckpt_dir, gate=gate,
+                                         threads=threads, threshold=self._threshold(job["pipeline"]),
+                                         bundle_dir=self.bundle_dir)
         except Preempted as exc:
             reason = self._preempt_reason or "waiting: gate closed"
             jobs.release(self.store, job_id, self.owner, to="queued", reason=reason, stage=exc.safe_point)
@@ -133,15 +141,26 @@ class Worker:
             self.store.add_event("job", "worker", "quarantined", json.dumps({"job": job_id, "reason": str(exc)}))
             jlog.warning("job quarantined", reason=str(exc))
             return "quarantined"
+        except (sqlite3.OperationalError, OSError) as exc:  # a locked database, a full disk: try again later
+            jlog.exception("job interrupted by a system error; it stays queued")
+            jobs.release(self.store, job_id, self.owner, to="queued", reason=f"waiting: retry after {exc}")
+            return "retry"
         except Exception as exc:  # a bug or a broken model must fail this job, never the worker
             jlog.exception("job failed")
             jobs.release(self.store, job_id, self.owner, to="failed", error=f"{type(exc).__name__}: {exc}")
             self.store.add_event("job", "worker", "failed", json.dumps({"job": job_id, "error": str(exc)}))
             return "failed"
-        if not jobs.finish(self.store, job_id, self.owner, triage=findings["triage"],
-                           findings_json=json.dumps(findings), output_dir=str(out_dir)):
+        if lease.lost.is_set() or not jobs.renew_lease(self.store, job_id, self.owner, self.lease_s, stage="outputs"):
             jlog.warning("job finished but lease was lost; result discarded (the new owner writes it)")
             return "lease-lost"
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(attempt_dir, out_dir)
+        findings_json = json.dumps(findings)
+        if not jobs.finish(self.store, job_id, self.owner, triage=findings["triage"], findings_json=findings_json,
+                           output_dir=str(out_dir)):
+            jlog.warning("job finished but lease was lost; result discarded (the new owner writes it)")
+            return "lease-lost"
+        shutil.rmtree(ckpt_dir.parent, ignore_errors=True)
         self.store.add_event("job", "worker", "done", json.dumps({"job": job_id, "triage": findings["triage"]}))
         jlog.info("job done", triage=findings["triage"])
         return "done"
@@ -157,3 +176,31 @@ class Worker:
 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
+
+
+class _LeaseKeeper:
+    """Renews the lease from a thread while a job runs, so one long stage or a slow model load never
+    lets another worker reclaim a job that is still computing."""
+
+    def __init__(self, store, job_id: int, owner: str, lease_s: float) -> None:
+        self.store, self.job_id, self.owner, self.lease_s = store, job_id, owner, lease_s
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                if not jobs.renew_lease(self.store, self.job_id, self.owner, self.lease_s):
+                    self.lost.set()
+                    return
+            except sqlite3.Error as exc:  # a busy database: the next beat tries again
+                log.warning("lease renewal failed", job=self.job_id, error=str(exc))
+
+    def __enter__(self) -> _LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()

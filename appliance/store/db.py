@@ -75,11 +75,11 @@ class Store:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
             conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:  # after SQLITE_FULL SQLite may already have rolled back
+                conn.execute("ROLLBACK")
+            raise
 
     def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
         return self.connect().execute(sql, params).fetchall()
@@ -113,13 +113,14 @@ class Store:
         return self.schema_version()
 
     # -- recovery ---------------------------------------------------------------------------------
-    def recover(self) -> dict[str, list[str]]:
-        """After a crash: drop temp files, list files no row claims and rows whose files are gone.
+    def recover(self, *, remove_temp: bool = True) -> dict[str, list[str]]:
+        """After a crash: drop dead writers' temp files, list files no row claims and rows whose files are gone.
 
         Unclaimed files are kept (the sender may not have had its success response; the DICOM service
-        re-ingests them). Rows with missing files are reported, never silently deleted.
+        re-ingests them). Rows with missing files are reported, never silently deleted. The doctor
+        calls this with remove_temp=False: it only reports, since services may be writing.
         """
-        removed = remove_temp_files(self.data_dir)
+        removed = remove_temp_files(self.data_dir) if remove_temp else []
         claimed = {row["path"] for row in self.query("SELECT path FROM instances")}
         on_disk = {str(p.relative_to(self.data_dir)) for p in self.files_dir.rglob("*.dcm")}
         report = {

@@ -11,7 +11,7 @@ JOB_STATES = ("receiving", "queued", "running", "done", "failed", "quarantined")
 
 # to-state -> the states it may be entered from
 TRANSITIONS: dict[str, tuple[str, ...]] = {
-    "queued": ("receiving", "running", "failed", "done"),  # ready / preempted or lease lost / retry / re-run
+    "queued": ("receiving", "running", "failed"),  # ready / preempted or lease lost / retry
     "running": ("queued",),
     "done": ("running",),
     "failed": ("receiving", "queued", "running"),
@@ -78,7 +78,7 @@ def claim_next(store: Store, owner: str, lease_s: float, *, now: float | None = 
                            {"starve_before": now - starvation_s}).fetchone()
         if row is None:
             return None
-        conn.execute("""UPDATE jobs SET state = 'running', lease_owner = ?, lease_expires = ?, attempts = attempts + 1,
+        conn.execute("""UPDATE jobs SET state = 'running', lease_owner = ?, lease_expires = ?,
                         started_at = COALESCE(started_at, ?), waiting_reason = NULL, updated_at = ? WHERE id = ?""",
                      (owner, now + lease_s, now, now, row["id"]))
         return dict(conn.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
@@ -94,19 +94,35 @@ def renew_lease(store: Store, job_id: int, owner: str, lease_s: float, stage: st
         return cur.rowcount == 1
 
 
-def reclaim_expired(store: Store, *, now: float | None = None) -> list[int]:
-    """Running jobs whose worker stopped renewing go back to the queue; their checkpoint lets them resume."""
+MAX_CRASHES = 3
+
+
+def reclaim_expired(store: Store, *, now: float | None = None, max_crashes: int = MAX_CRASHES) -> list[int]:
+    """Running jobs whose worker stopped renewing go back to the queue; their checkpoint lets them resume.
+
+    `attempts` counts these crashes. A job whose worker died `max_crashes` times (a study that runs
+    the box out of memory, say) is failed with that reason instead of crashing workers forever.
+    """
     now = time.time() if now is None else now
     with store.transaction() as conn:
-        ids = [r["id"] for r in conn.execute(
-            "SELECT id FROM jobs WHERE state = 'running' AND lease_expires < ?", (now,)).fetchall()]
-        for job_id in ids:
-            conn.execute("UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
-                         "waiting_reason = 'worker stopped; resumes from its checkpoint', updated_at = ? WHERE id = ?",
-                         (now, job_id))
-            conn.execute("INSERT INTO events (ts, kind, source, state, detail) VALUES (?, 'job', 'scheduler', "
-                         "'reclaimed', ?)", (now, f'{{"job": {job_id}}}'))
-    return ids
+        rows = conn.execute("SELECT id, attempts FROM jobs WHERE state = 'running' AND lease_expires < ?",
+                            (now,)).fetchall()
+        for row in rows:
+            crashes = row["attempts"] + 1
+            if crashes >= max_crashes:
+                conn.execute("UPDATE jobs SET state = 'failed', attempts = ?, lease_owner = NULL, lease_expires = NULL, "
+                             "finished_at = ?, updated_at = ?, error = ? WHERE id = ?",
+                             (crashes, now, now, f"the worker stopped {crashes} times while running this job "
+                              "(out of memory or a crash); see the worker log, then retry it", row["id"]))
+                state = "failed"
+            else:
+                conn.execute("UPDATE jobs SET state = 'queued', attempts = ?, lease_owner = NULL, lease_expires = NULL, "
+                             "waiting_reason = 'worker stopped; resumes from its checkpoint', updated_at = ? WHERE id = ?",
+                             (crashes, now, row["id"]))
+                state = "reclaimed"
+            conn.execute("INSERT INTO events (ts, kind, source, state, detail) VALUES (?, 'job', 'scheduler', ?, ?)",
+                         (now, state, f'{{"job": {row["id"]}, "crashes": {crashes}}}'))
+    return [r["id"] for r in rows]
 
 
 def set_waiting_reason(store: Store, reason: str) -> None:

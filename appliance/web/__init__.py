@@ -11,7 +11,7 @@ from appliance.context import AppContext
 def create_app(ctx: AppContext) -> Flask:
     app = Flask(__name__)
     app.config["EDGESCREEN"] = ctx
-    app.config["JSON_SORT_KEYS"] = False
+    app.json.sort_keys = False
 
     from appliance.web import api, pages
 
@@ -23,9 +23,15 @@ def create_app(ctx: AppContext) -> Flask:
         return {"banner": RESEARCH_USE_BANNER, "version": __version__, "site_name": ctx.config.site.name}
 
     @app.after_request
-    def _headers(response):  # the UI is LAN-only and needs nothing from elsewhere
-        response.headers.setdefault("Content-Security-Policy", "default-src 'self'; img-src 'self' data:")
+    def _headers(response):
+        # The UI is LAN-only, needs nothing from elsewhere, and its pages carry patient data: no caching,
+        # no framing, no referrer leaving the box.
+        response.headers.setdefault("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; "
+                                    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'")
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        if not response.headers.get("Cache-Control"):
+            response.headers["Cache-Control"] = "no-store"
         return response
 
     return app

@@ -19,10 +19,10 @@ def _when(ts: float | None) -> str:
 
 def latest_states() -> list[dict]:
     """The newest scanner and power event, so staff see at a glance why work may be waiting."""
-    rows = ctx().store.query(
-        "SELECT kind, state, ts, detail FROM events e WHERE kind IN ('scanner', 'power') AND id = "
-        "(SELECT MAX(id) FROM events WHERE kind = e.kind) ORDER BY kind DESC")
-    return [dict(r) for r in rows]
+    store = ctx().store
+    rows = [store.query_one("SELECT kind, state, ts, detail FROM events WHERE kind = ? ORDER BY ts DESC, id DESC LIMIT 1",
+                            (kind,)) for kind in ("scanner", "power")]
+    return [dict(r) for r in rows if r is not None]
 
 
 @bp.get("/")
