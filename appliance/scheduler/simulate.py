@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import math
-from html import escape
 import tempfile
 from dataclasses import dataclass, field
+from html import escape
 from pathlib import Path
 
 from pydantic import ValidationError
