@@ -1,0 +1,204 @@
+"""The CT phantom: valid DICOM (dciodvfy), correct geometry, determinism, plausible lesions.
+
+Slice counts stay small (z-range crops, coarse matrices) so the file runs in seconds on 2 cores;
+the full 300-slice timing lives in bench/bench_phantom.py, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from scipy import ndimage
+
+from appliance import RESEARCH_USE_BANNER
+from models.phantom.ct import (
+    LESION_CLASSES,
+    ORGAN_LABELS,
+    CtPhantom,
+    generate_ct_volume,
+    write_ct_series,
+    write_ct_study,
+)
+
+
+def dciodvfy_errors(paths: list[Path]) -> list[str]:
+    """Every 'Error' line dciodvfy prints for ``paths`` (warnings are tolerated)."""
+    exe = shutil.which("dciodvfy")
+    assert exe, "dciodvfy (Debian package dicom3tools) is required for these tests: apt-get install dicom3tools"
+    errors = []
+    for path in paths:
+        run = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
+        errors += [f"{path.name}: {line}" for line in (run.stdout + run.stderr).splitlines() if "Error" in line]
+    return errors
+
+
+def lesion_window(seed: int, lesion: str, margin: float = 12.0) -> tuple[float, float]:
+    """Patient z-interval around the seed's lesion, from a tiny probe render."""
+    truth = generate_ct_volume(seed, lesion, matrix=16, slices=8).truth
+    z, d = truth["lesion_centre_mm"][2], truth["lesion_diameter_mm"]
+    return z - d / 2 - margin, z + d / 2 + margin
+
+
+def test_study_is_valid_dicom_with_truth_beside_it(tmp_path: Path) -> None:
+    phantom = write_ct_study(tmp_path, 4, lesion="pdac", slices=60)
+    files = sorted(tmp_path.glob("*.dcm"))
+    assert len(files) == 60
+    assert dciodvfy_errors([files[0], files[30], files[-1]]) == []
+    truth = json.loads((tmp_path / "truth.json").read_text())
+    assert truth["seed"] == 4 and truth["lesion_class"] == "pdac"
+    assert truth["lesion_location"] in ("head", "body", "tail")
+    assert 8 <= truth["lesion_diameter_mm"] <= 40
+    assert 40 <= truth["pancreas_volume_ml"] <= 120
+    assert truth["labels"] == {"0": "background", **{str(v): k for k, v in ORGAN_LABELS.items()}}
+    with np.load(tmp_path / "truth.npz") as npz:
+        assert npz["labels"].shape == npz["lesion"].shape == (60, 512, 512)
+        assert npz["labels"].dtype == npz["lesion"].dtype == np.uint8
+        np.testing.assert_array_equal(npz["lesion"], phantom.lesion)
+        assert npz["lesion"].sum() > 0
+    z, y, x = (int(round(v)) for v in truth["lesion_centre_voxel"])
+    assert 0 <= z < 60 and 0 <= y < 512 and 0 <= x < 512
+    ds = pydicom.dcmread(files[0])
+    assert ds.PatientName == "PHANTOM^CT^S0004" and ds.PatientID == "PHANTOM-CT-0004"
+    assert RESEARCH_USE_BANNER in ds.ImageComments
+
+
+def test_normal_series_is_valid_dicom(tmp_path: Path) -> None:
+    z = generate_ct_volume(3, None, matrix=16, slices=8).truth["pancreas_z_range_mm"]
+    phantom = generate_ct_volume(3, None, z_range_mm=(z[0], z[0] + 12))
+    assert phantom.lesion.sum() == 0 and phantom.truth["lesion_class"] is None
+    paths = write_ct_series(phantom, tmp_path, 3)
+    assert dciodvfy_errors(paths[:2]) == []
+
+
+def test_geometry_and_pixel_round_trip(tmp_path: Path) -> None:
+    seed = 7
+    full = generate_ct_volume(seed, None, matrix=16)  # the seed's natural slice grid, tiny matrix
+    z0 = full.origin_mm[2]
+    window = (z0 + 20 * full.spacing_mm[0], z0 + 26 * full.spacing_mm[0])
+    phantom = generate_ct_volume(seed, None, z_range_mm=window)
+    paths = write_ct_series(phantom, tmp_path, seed)
+    slices = [pydicom.dcmread(p) for p in paths]
+    step = float(slices[0].SpacingBetweenSlices)
+    assert step == pytest.approx(full.spacing_mm[0], abs=1e-4)
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in slices])
+    np.testing.assert_allclose(np.diff(positions[:, 2]), step, atol=1e-3)
+    np.testing.assert_allclose(positions[:, :2], np.broadcast_to(positions[:1, :2], positions[:, :2].shape))
+    # a z-range crop samples exactly the slices of the full grid
+    assert (positions[0, 2] - z0) / step == pytest.approx(20, abs=1e-3)
+    for k, ds in enumerate(slices):
+        assert (ds.Rows, ds.Columns) == (512, 512)
+        assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+        assert 0.6 <= float(ds.PixelSpacing[0]) == float(ds.PixelSpacing[1]) <= 0.9
+        assert 1.0 <= float(ds.SliceThickness) <= 5.0
+        assert ds.ImageType == ["ORIGINAL", "PRIMARY", "AXIAL"] and ds.Modality == "CT"
+        assert ds.BodyPartExamined == "ABDOMEN" and ds.Manufacturer == "edgescreen phantom"
+        assert float(ds.RescaleSlope) == 1 and float(ds.RescaleIntercept) == -1024 and ds.PixelRepresentation == 0
+        hu = ds.pixel_array.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)
+        np.testing.assert_array_equal(hu, phantom.hu[k])
+        assert ds.InstanceNumber == k + 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 5, 9, 13])
+def test_seed_fixes_a_plausible_scan(seed: int) -> None:
+    ph = generate_ct_volume(seed, None, matrix=16)
+    dz, dy, dx = ph.spacing_mm
+    assert 60 <= ph.hu.shape[0] <= 400 and 1.0 <= dz <= 5.0
+    assert 0.6 <= dx * 16 / 512 <= 0.9
+    coarse = generate_ct_volume(seed, None, matrix=32, slices=40)
+    # other grids resample the same field of view and z extent
+    assert coarse.spacing_mm[2] * 32 == pytest.approx(dx * 16)
+    assert coarse.spacing_mm[0] * 40 == pytest.approx(dz * ph.hu.shape[0])
+
+
+def test_same_seed_same_bytes_and_uids(tmp_path: Path) -> None:
+    a = generate_ct_volume(11, "scn", matrix=64, slices=24)
+    b = generate_ct_volume(11, "scn", matrix=64, slices=24)
+    for name in ("hu", "labels", "lesion"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    pa = write_ct_series(a, tmp_path / "a", 11)
+    pb = write_ct_series(b, tmp_path / "b", 11)
+    assert [p.read_bytes() for p in pa] == [p.read_bytes() for p in pb]
+    other = generate_ct_volume(12, "scn", matrix=64, slices=24)
+    assert not np.array_equal(other.hu, a.hu)
+    po = write_ct_series(other, tmp_path / "c", 12)
+    ua, uo = pydicom.dcmread(pa[0]), pydicom.dcmread(po[0])
+    for tag in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
+        assert getattr(ua, tag) != getattr(uo, tag)
+    assert ua.StudyDate == pydicom.dcmread(pb[0]).StudyDate
+
+
+def test_a_lesion_never_moves_the_patient() -> None:
+    normal = generate_ct_volume(21, None, matrix=48, slices=30)
+    cyst = generate_ct_volume(21, "mcn", matrix=48, slices=30)
+    for organ in ("liver", "spleen", "right_kidney", "left_kidney", "aorta", "vertebrae"):
+        label = ORGAN_LABELS[organ]
+        np.testing.assert_array_equal(normal.labels == label, cyst.labels == label)
+    assert normal.lesion.sum() == 0 and cyst.lesion.sum() > 0
+
+
+def test_rejects_unknown_lesion() -> None:
+    with pytest.raises(ValueError):
+        generate_ct_volume(1, "melanoma", matrix=16, slices=8)
+
+
+def _core(mask: np.ndarray, spacing: tuple[float, float, float], depth_mm: float) -> np.ndarray:
+    return ndimage.distance_transform_edt(mask, sampling=spacing) > depth_mm
+
+
+@pytest.mark.parametrize("index,lesion", list(enumerate(LESION_CLASSES)))
+def test_lesion_class_looks_like_itself(index: int, lesion: str) -> None:
+    """Mask/class consistency and each class's non-contrast HU behaviour, on a 256 crop."""
+    seed = 1 + index
+    window = lesion_window(seed, lesion)
+    ph = generate_ct_volume(seed, lesion, matrix=256, z_range_mm=window)
+    assert ph.lesion_class == lesion and ph.truth["lesion_class"] == lesion
+    les = ph.lesion.astype(bool)
+    pancreas = ph.labels == ORGAN_LABELS["pancreas"]
+    gland = pancreas & ~les
+    assert les.sum() > 20
+    assert not (les & ~pancreas).any(), "lesion voxels must carry the pancreas label"
+    assert (ndimage.binary_dilation(les) & gland).any(), "the lesion must touch pancreatic parenchyma"
+    hu = ph.hu.astype(np.float64)
+    inner = _core(les, ph.spacing_mm, 1.5)
+    inner = inner if inner.sum() >= 20 else les
+    away = _core(~les, ph.spacing_mm, 6.0)
+    parenchyma = _core(gland, ph.spacing_mm, 2.0) & away
+    lesion_hu, gland_hu = hu[inner], hu[parenchyma]
+    calcified = ndimage.label((hu > 130) & ndimage.binary_dilation(pancreas, iterations=2))[1]
+    if lesion == "pdac":
+        # against the same patient's normal gland (paired render): 5-20 HU darker, no calcium
+        normal = generate_ct_volume(seed, None, matrix=256, z_range_mm=window)
+        ref = hu_core_mean(normal)
+        assert 5 <= ref - lesion_hu.mean() <= 20
+        assert lesion_hu.mean() < gland_hu.mean()
+    elif lesion == "pnet":
+        assert abs(np.median(lesion_hu) - gland_hu.mean()) <= 12, "near iso-attenuating"
+    elif lesion in ("ipmn", "mcn"):
+        assert np.median(lesion_hu) <= 20, "cysts are near water"
+    elif lesion == "scn":
+        assert np.median(lesion_hu) <= np.median(gland_hu) - 6
+    elif lesion == "spt":
+        cystic = float((lesion_hu < 25).mean())
+        assert 0.1 < cystic < 0.9, "mixed solid and cystic"
+    elif lesion == "cp":
+        assert calcified >= 3, "chronic pancreatitis shows multiple calcifications"
+    else:
+        assert 0 < np.median(lesion_hu) < 80, "a solid soft-tissue mass"
+
+
+def hu_core_mean(ph: CtPhantom) -> float:
+    """Mean HU of the pancreas at least 2 mm inside its surface."""
+    gland = ph.labels == ORGAN_LABELS["pancreas"]
+    return float(ph.hu[_core(gland, ph.spacing_mm, 2.0)].mean())
+
+
+def test_chronic_pancreatitis_shrinks_the_gland() -> None:
+    normal = generate_ct_volume(30, None, matrix=96)
+    cp = generate_ct_volume(30, "cp", matrix=96)
+    assert cp.truth["pancreas_volume_ml"] < 0.9 * normal.truth["pancreas_volume_ml"]
