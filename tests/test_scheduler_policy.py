@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 
@@ -126,16 +127,32 @@ def test_combine_rules_and_stale_sources() -> None:
 def test_sources_read_the_store(tmp_path) -> None:
     store = Store(tmp_path)
     assert MppsSource(store).read(T0).busy is False
-    store.add_event("scanner", "mpps", "busy", '{"station": "CT1"}', ts=T0)
+
+    def step(uid: str, station: str, status: str, ts: float) -> None:
+        with store.transaction() as conn:
+            conn.execute("INSERT INTO mpps (sop_uid, status, station_ae, attributes, created_at, updated_at) "
+                         "VALUES (?, ?, ?, '{}', ?, ?) ON CONFLICT(sop_uid) DO UPDATE SET status = excluded.status, "
+                         "updated_at = excluded.updated_at", (uid, status, station, ts, ts))
+
+    step("1.1", "CT1", "IN PROGRESS", T0)
     sig = MppsSource(store).read(T0 + 10)
     assert sig.busy and "on CT1" in sig.reason and not sig.stale
     assert MppsSource(store, max_busy_s=5).read(T0 + 10).stale
-    store.add_event("scanner", "mpps", "idle", None, ts=T0 + 20)
-    assert MppsSource(store).read(T0 + 30).busy is False
+    step("1.2", "MG1", "IN PROGRESS", T0 + 5)
+    step("1.1", "CT1", "COMPLETED", T0 + 20)  # the CT's N-SET does not clear the mammography unit's exam
+    sig = MppsSource(store).read(T0 + 30)
+    assert sig.busy and "on MG1" in sig.reason
+    step("1.2", "MG1", "DISCONTINUED", T0 + 40)
+    assert MppsSource(store).read(T0 + 50).busy is False
     assert StoreActivitySource(store, quiet_s=60).read(T0).busy is False
     assert ManualSource(store).read(T0).busy is None
     set_manual(store, "busy", actor="test")
     assert ManualSource(store).read(T0).busy is True
-    assert store.query_one("SELECT action, target FROM audit")[:] == ("scanner.manual", "busy")
+    set_manual(store, "idle", actor="test")
+    now = time.time()
+    assert ManualSource(store).read(now).busy is False
+    assert ManualSource(store).read(now + 9 * 3600).busy is None  # a forgotten idle expires
+    assert [tuple(r) for r in store.query("SELECT action, target FROM audit ORDER BY id")] == [
+        ("scanner.manual", "busy"), ("scanner.manual", "idle")]
     with pytest.raises(ValueError, match="use one of busy, idle, auto"):
         set_manual(store, "maybe", actor="test")

@@ -47,7 +47,8 @@ class Pacs(_Section):
     host: str
     port: int = Field(ge=1, le=65535)
     dicomweb_url: str | None = None
-    # "dimse": C-STORE only; "dicomweb": STOW-RS only; "both": each result goes both ways (two outbox rows)
+    # "dimse": C-STORE only; "dicomweb": STOW-RS only; "both": each result both ways (one outbox row whose
+    # payload records which ways are done, so a retry resends only what failed)
     via: Literal["dimse", "dicomweb", "both"] = "dimse"
     retries: int = Field(default=5, ge=0, le=100)
     # exponential backoff between attempts: retry_base_s * 2**(attempt-1), capped at retry_max_s
@@ -144,7 +145,9 @@ class Sync(_Section):
 
 class Hardware(_Section):
     profile: str = "x86-cpu"
-    bundle: str | None = None
+    bundle: str | None = Field(default=None, description="a signed bundle dir; default: the installed one, if any")
+    models_dir: str | None = Field(default=None, description="a clinic's own models (ONNX + cards) instead of the "
+                                   "reference models; ignored when a bundle is used")
 
 
 class Logging(_Section):

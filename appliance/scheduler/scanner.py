@@ -16,6 +16,7 @@ from appliance.store import Store
 
 MANUAL_KEY = "scanner.manual"
 MANUAL_MODES = ("busy", "idle", "auto")
+MANUAL_IDLE_MAX_S = 8 * 3600  # a forgotten "idle" must not override MPPS for days; "busy" only errs safe
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,11 @@ def _clock(ts: float | None) -> str:
 
 
 class MppsSource:
-    """Busy from N-CREATE IN PROGRESS until N-SET COMPLETED/DISCONTINUED, from the events the DICOM service records.
+    """Busy while any modality has an MPPS step IN PROGRESS (N-CREATE) not yet COMPLETED or DISCONTINUED (N-SET).
 
-    An exam left IN PROGRESS longer than `max_busy_s` (a scanner that never sent its N-SET) is stale,
-    so the fail-safe and the staff's manual switch decide rather than a forgotten exam.
+    Read per procedure step from the DICOM service's `mpps` table, so one station's N-SET never
+    clears another's exam. A step left IN PROGRESS longer than `max_busy_s` (a scanner that never
+    sent its N-SET) is stale: then the fail-safe and the staff's manual switch decide.
     """
 
     name = "mpps"
@@ -59,22 +61,26 @@ class MppsSource:
         self.max_busy_s = max_busy_s
 
     def read(self, now: float) -> ScannerSignal:
-        row = self.store.query_one(
-            "SELECT ts, state, detail FROM events WHERE kind = 'scanner' AND source = 'mpps' ORDER BY ts DESC, id DESC LIMIT 1")
-        if row is None:
+        open_steps = self.store.query(
+            "SELECT station_ae, calling_ae, modality, created_at FROM mpps WHERE status = 'IN PROGRESS' "
+            "ORDER BY created_at")
+        fresh = [r for r in open_steps if now - r["created_at"] <= self.max_busy_s]
+        if fresh:
+            first = fresh[0]
+            station = first["station_ae"] or first["calling_ae"] or "the scanner"
+            more = f" (+{len(fresh) - 1} more)" if len(fresh) > 1 else ""
+            return ScannerSignal(self.name, True, first["created_at"],
+                                 f"MPPS exam in progress on {station} since {_clock(first['created_at'])}{more}")
+        if open_steps:
+            old = open_steps[0]
+            return ScannerSignal(self.name, True, old["created_at"], f"MPPS exam in progress on "
+                                 f"{old['station_ae'] or old['calling_ae'] or 'the scanner'} since "
+                                 f"{_clock(old['created_at'])} without N-SET for over {self.max_busy_s / 3600:.0f} h",
+                                 stale=True)
+        last = self.store.query_one("SELECT MAX(updated_at) FROM mpps")[0]
+        if last is None:
             return ScannerSignal(self.name, False, None, "no MPPS exam seen")
-        busy = row["state"] == "busy"
-        if busy and now - row["ts"] > self.max_busy_s:
-            return ScannerSignal(self.name, True, row["ts"], f"MPPS exam in progress since {_clock(row['ts'])} "
-                                 f"without N-SET for over {self.max_busy_s / 3600:.0f} h", stale=True)
-        what = "exam in progress" if busy else "last exam ended"
-        try:
-            detail = json.loads(row["detail"] or "{}")
-            station = detail.get("station") or detail.get("calling_ae")
-        except (ValueError, AttributeError):
-            station = None
-        at = f" on {station}" if station else ""
-        return ScannerSignal(self.name, busy, row["ts"], f"MPPS {what}{at} since {_clock(row['ts'])}")
+        return ScannerSignal(self.name, False, last, f"last MPPS exam ended at {_clock(last)}")
 
 
 class StoreActivitySource:
@@ -134,6 +140,8 @@ class ManualSource:
         mode = row["value"] if row else "auto"
         if mode == "auto":
             return ScannerSignal(self.name, None, None, "manual switch on auto")
+        if mode == "idle" and now - row["updated_at"] > MANUAL_IDLE_MAX_S:
+            return ScannerSignal(self.name, None, None, f"manual idle set at {_clock(row['updated_at'])} has expired")
         return ScannerSignal(self.name, mode == "busy", row["updated_at"],
                              f"set {mode} by staff at {_clock(row['updated_at'])}")
 

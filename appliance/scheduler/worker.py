@@ -44,7 +44,9 @@ class Worker:
         self.once = once
         self.stop = threading.Event()
         self.gate = LiveGate(ctx)
-        self.bundle_dir = Path(ctx.config.hardware.bundle) if ctx.config.hardware.bundle else None
+        hw = ctx.config.hardware
+        self.bundle_dir = Path(hw.bundle) if hw.bundle else None
+        self.models_dir = Path(hw.models_dir) if hw.models_dir else None
 
     # -- the loop ---------------------------------------------------------------------------------
     def run_forever(self) -> None:
@@ -125,7 +127,7 @@ class Worker:
             with lease:
                 findings = analyze_study(job_files(self.store, job), attempt_dir, checkpoint_dir=ckpt_dir, gate=gate,
                                          threads=threads, threshold=self._threshold(job["pipeline"]),
-                                         bundle_dir=self.bundle_dir)
+                                         bundle_dir=self.bundle_dir, models_dir=self.models_dir)
         except Preempted as exc:
             reason = self._preempt_reason or "waiting: gate closed"
             jobs.release(self.store, job_id, self.owner, to="queued", reason=reason, stage=exc.safe_point)
