@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import sqlite3
@@ -130,3 +131,27 @@ def test_recovery_spares_temp_files_of_live_writers(data_dir: Path) -> None:
     assert live.exists() and odd.exists()
     old = time.time() + 2 * 3600  # an hour later even a live-looking writer's leftovers go
     assert sorted(remove_temp_files(data_dir, now=old)) == sorted([live, odd])
+
+
+def test_concurrent_duplicates_keep_one_whole_copy(data_dir: Path) -> None:
+    """Two associations resending the same SOP at the same moment: the row and the file must agree."""
+    import threading
+
+    store = Store(data_dir)
+    for round_no in range(20):
+        inst = IncomingInstance(f"1.2.3.{round_no}", "1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.3.9")
+        payloads = [os.urandom(200_000 + 1000 * k) for k in range(4)]
+        barrier = threading.Barrier(len(payloads))
+
+        def send(data: bytes, inst: IncomingInstance = inst, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            store_instance(store, inst, data)
+
+        threads = [threading.Thread(target=send, args=(d,)) for d in payloads]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        row = store.query_one("SELECT path, size FROM instances WHERE sop_uid = ?", (inst.sop_uid,))
+        on_disk = (data_dir / row["path"]).read_bytes()
+        assert len(on_disk) == row["size"] and on_disk in payloads

@@ -101,7 +101,7 @@ def durable_write(path: Path, data: Buffers, *, fsync_dir_mode: str = "auto") ->
     """
     path = Path(path)
     directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
+    created = _make_dirs(directory)
     tmp = directory / f".{path.name}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}"
     buffers = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
     total = sum(len(b) for b in buffers)
@@ -125,7 +125,22 @@ def durable_write(path: Path, data: Buffers, *, fsync_dir_mode: str = "auto") ->
     os.close(fd)
     if fsync_dir_mode == "always" or not rename_durable_with_file_fsync(str(directory)):
         fsync_dir(directory)
+        for new_dir in created:  # a new series/study directory must be durable in its parent too
+            fsync_dir(new_dir.parent)
     return total
+
+
+def _make_dirs(directory: Path) -> list[Path]:
+    """mkdir -p, returning the directories it created (outermost first)."""
+    missing: list[Path] = []
+    d = directory
+    while not d.is_dir():
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another association created it meanwhile
+            d.mkdir()
+    return list(reversed(missing))
 
 
 # -- the index ---------------------------------------------------------------------------------------
@@ -177,6 +192,15 @@ def _synchronous(store: Store, durable: bool):
         conn.execute("PRAGMA synchronous=FULL")
 
 
+# Two associations storing the same SOP at once must not both rename onto its path: the one whose row
+# commits could point at the other's (not yet fsynced) bytes. Striped locks bound the memory.
+_SOP_LOCKS = [threading.Lock() for _ in range(64)]
+
+
+def _sop_lock(sop_uid: str) -> threading.Lock:
+    return _SOP_LOCKS[hash(sop_uid) % len(_SOP_LOCKS)]
+
+
 def store_instance(store: Store, inst: IncomingInstance, data: Buffers, *, durable_index: bool = True,
                    fsync_dir_mode: str = "auto") -> tuple[Path, bool]:
     """Write the file durably, then index it in one transaction. Returns (absolute path, was_duplicate).
@@ -186,15 +210,16 @@ def store_instance(store: Store, inst: IncomingInstance, data: Buffers, *, durab
     commits the row without its own fsync (module docstring): the file is the durable record.
     """
     rel = instance_path(inst)
-    existing = store.query_one("SELECT path FROM instances WHERE sop_uid = ?", (inst.sop_uid,))
-    if existing is not None:
-        return store.data_dir / existing["path"], True
-    size = durable_write(store.data_dir / rel, data, fsync_dir_mode=fsync_dir_mode)
-    now = time.time()
-    with _synchronous(store, durable_index), store.transaction() as conn:
-        if conn.execute("SELECT 1 FROM instances WHERE sop_uid = ?", (inst.sop_uid,)).fetchone():
-            return store.data_dir / rel, True
-        _index(conn, inst, rel, size, now)
+    with _sop_lock(inst.sop_uid):
+        existing = store.query_one("SELECT path FROM instances WHERE sop_uid = ?", (inst.sop_uid,))
+        if existing is not None:
+            return store.data_dir / existing["path"], True
+        size = durable_write(store.data_dir / rel, data, fsync_dir_mode=fsync_dir_mode)
+        now = time.time()
+        with _synchronous(store, durable_index), store.transaction() as conn:
+            if conn.execute("SELECT 1 FROM instances WHERE sop_uid = ?", (inst.sop_uid,)).fetchone():
+                return store.data_dir / rel, True
+            _index(conn, inst, rel, size, now)
     return store.data_dir / rel, False
 
 
@@ -315,7 +340,10 @@ def list_quarantine(store: Store, limit: int | None = None) -> list[dict]:
 
 # -- listing -----------------------------------------------------------------------------------------
 def list_studies(store: Store) -> list[dict]:
-    """Studies with their series, instance counts and state, newest first (the `studies` command and the UI)."""
+    """Studies with their series, instance counts and state, newest first (the `studies` command and the UI).
+
+    The job columns are the series' job; for the MG series of a mammography exam, the exam's one job.
+    """
     studies = []
     for st in store.query("SELECT * FROM studies ORDER BY received_at DESC"):
         series = []
@@ -324,7 +352,9 @@ def list_studies(store: Store) -> list[dict]:
                       j.id AS job_id, j.state AS job_state, j.waiting_reason, j.error AS job_error, j.stage AS job_stage,
                       r.triage
                FROM series se LEFT JOIN instances i ON i.series_uid = se.series_uid
-               LEFT JOIN jobs j ON j.id = (SELECT MAX(id) FROM jobs WHERE series_uid = se.series_uid)
+               LEFT JOIN jobs j ON j.id = (SELECT MAX(id) FROM jobs WHERE series_uid = se.series_uid
+                                           OR (se.pipeline = 'mammo' AND pipeline = 'mammo'
+                                               AND study_uid = se.study_uid))
                LEFT JOIN results r ON r.job_id = j.id
                WHERE se.study_uid = ? GROUP BY se.series_uid ORDER BY se.number, se.first_received_at""",
             (st["study_uid"],),

@@ -82,4 +82,19 @@ MIGRATIONS: list[str] = [
     );
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at REAL NOT NULL);
     """,
+    # 2: the DICOM service: MPPS instances (kept durably so an N-SET after a restart finds its N-CREATE)
+    # and the DICOM status each quarantined instance was answered with.
+    """
+    CREATE TABLE mpps (
+        sop_uid TEXT PRIMARY KEY,
+        status TEXT NOT NULL,
+        calling_ae TEXT, peer TEXT, station_ae TEXT, modality TEXT,
+        study_uid TEXT, accession TEXT, procedure TEXT,
+        attributes TEXT NOT NULL,
+        created_at REAL NOT NULL, updated_at REAL NOT NULL
+    );
+    CREATE INDEX mpps_status ON mpps(status, updated_at);
+    ALTER TABLE quarantine ADD COLUMN status INTEGER;
+    CREATE INDEX quarantine_received ON quarantine(received_at)
+    """,
 ]
