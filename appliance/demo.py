@@ -63,6 +63,8 @@ def send_folders(folders: list[Path], host: str, port: int, called_ae: str) -> i
 
 def run_demo(ctx: AppContext, folders: list[Path], *, web: tuple[str, int], dicom_port: int, send: bool) -> int:
     ae_title = ctx.config.dicom.ae_title
+    # SIGTERM (systemd, a test, `kill`) must stop the services too, as Ctrl-C does
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     procs = [
         _service(ctx, "dicom", "--port", str(dicom_port), "--ae-title", ae_title, "--allow-any-ae"),
         _service(ctx, "serve", "--host", web[0], "--port", str(web[1])),
