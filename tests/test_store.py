@@ -155,3 +155,23 @@ def test_concurrent_duplicates_keep_one_whole_copy(data_dir: Path) -> None:
         row = store.query_one("SELECT path, size FROM instances WHERE sop_uid = ?", (inst.sop_uid,))
         on_disk = (data_dir / row["path"]).read_bytes()
         assert len(on_disk) == row["size"] and on_disk in payloads
+
+
+def test_a_job_that_keeps_killing_workers_is_failed_with_the_reason(data_dir: Path) -> None:
+    store = Store(data_dir)
+    store_instance(store, IncomingInstance("9.1", "1.2.840.10008.5.1.4.1.1.2", "9", "9.5"), b"x")
+    job = jobs.enqueue(store, "9", "9.5", "pancreas")
+    t = time.time()
+    for crash in range(1, 4):
+        assert jobs.claim_next(store, f"w{crash}", 1.0, now=t)["id"] == job
+        t += 5  # the worker died: its lease ran out
+        assert jobs.reclaim_expired(store, now=t, max_crashes=3) == [job]
+        state = jobs.get(store, job)
+        assert state["attempts"] == crash
+        assert state["state"] == ("failed" if crash == 3 else "queued")
+    assert "stopped 3 times" in jobs.get(store, job)["error"]
+    # a preemption (release by the holder) is not a crash
+    job2 = jobs.enqueue(store, "9", "9.5", "mammo")
+    jobs.claim_next(store, "w", 60)
+    assert jobs.release(store, job2, "w", to="queued", reason="waiting: scanner busy")
+    assert jobs.get(store, job2)["attempts"] == 0

@@ -107,6 +107,7 @@ class Scheduler(_Section):
                                      description="HH:MM-HH:MM, local time; may wrap midnight")
     starvation_s: float = Field(default=6 * 3600.0, gt=0)
     lease_s: float = Field(default=120.0, gt=1, le=3600)
+    max_crashes: int = Field(default=3, ge=1, le=100, description="worker deaths on one job before it is failed")
 
 
 class Power(_Section):

@@ -66,7 +66,7 @@ class Worker:
         """One scheduling decision; True when a job ran (to completion or to a preemption)."""
         from appliance.scheduler.policy import plan
 
-        jobs.reclaim_expired(self.store)
+        jobs.reclaim_expired(self.store, max_crashes=self.ctx.config.scheduler.max_crashes)
         now, scanner, power = self.gate.read()
         decision, only_run_now, starving = plan(
             self.gate.gate, now, scanner, power, oldest_queued_age_s=self._oldest_queued_age(),
