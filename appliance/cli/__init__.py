@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("appliance.cli.serve", "run the web UI (waitress)"),
     "doctor": ("appliance.cli.doctor", "check this box: Python, packages, backends, data dir, disk, profile"),
     "phantom": ("appliance.cli.phantom", "write synthetic phantom DICOM studies (CT, mammography)"),
+    "analyze": ("appliance.cli.analyze", "analyse a study (folder, zip or files): findings, key images, DICOM SEG/SR/PDF"),
+    "models": ("appliance.cli.models_cmd", "evaluate the reference models; score mammograms from image files"),
     "studies": ("appliance.cli.studies", "list received studies with their series and state"),
     "dicom": ("appliance.cli.dicom_cmd", "run the DICOM service: C-STORE/C-ECHO/MPPS receiver, result export to PACS"),
     "quarantine": ("appliance.cli.quarantine", "list instances the DICOM service refused, with their reasons"),
