@@ -127,7 +127,8 @@ class Worker:
             with lease:
                 findings = analyze_study(job_files(self.store, job), attempt_dir, checkpoint_dir=ckpt_dir, gate=gate,
                                          threads=threads, threshold=self._threshold(job["pipeline"]),
-                                         bundle_dir=self.bundle_dir, models_dir=self.models_dir)
+                                         bundle_dir=self.bundle_dir, models_dir=self.models_dir,
+                                         trusted_keys=self.ctx.data_dir)
         except Preempted as exc:
             reason = self._preempt_reason or "waiting: gate closed"
             jobs.release(self.store, job_id, self.owner, to="queued", reason=reason, stage=exc.safe_point)
