@@ -127,7 +127,7 @@ class Worker:
             with lease:
                 findings = analyze_study(job_files(self.store, job), attempt_dir, checkpoint_dir=ckpt_dir, gate=gate,
                                          threads=threads, threshold=self._threshold(job["pipeline"]),
-                                         bundle_dir=self.bundle_dir, models_dir=self.models_dir,
+                                         bundle_dir=self._bundle(), models_dir=self.models_dir,
                                          trusted_keys=self.ctx.data_dir)
         except Preempted as exc:
             reason = self._preempt_reason or "waiting: gate closed"
@@ -167,6 +167,15 @@ class Worker:
         self.store.add_event("job", "worker", "done", json.dumps({"job": job_id, "triage": findings["triage"]}))
         jlog.info("job done", triage=findings["triage"])
         return "done"
+
+    def _bundle(self) -> Path | None:
+        """The configured bundle, else the one `edgescreen bundle install` made current (read per job, so an
+        install or a rollback takes effect at the next job without a restart)."""
+        if self.bundle_dir is not None:
+            return self.bundle_dir
+        from appliance.bundle import current_bundle
+
+        return current_bundle(self.ctx.data_dir)
 
     def _threshold(self, pipeline: str) -> float | None:
         triage = self.ctx.config.triage
