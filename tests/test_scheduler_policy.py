@@ -156,3 +156,22 @@ def test_sources_read_the_store(tmp_path) -> None:
         ("scanner.manual", "busy"), ("scanner.manual", "idle")]
     with pytest.raises(ValueError, match="use one of busy, idle, auto"):
         set_manual(store, "maybe", actor="test")
+
+
+def test_jetson_power_mode_is_switched_once_per_change(tmp_path) -> None:
+    """nvpmodel exists only on a Jetson; a stand-in executable records the calls the worker makes."""
+    from appliance.scheduler.worker import PowerModeSwitch
+
+    calls = tmp_path / "calls"
+    tool = tmp_path / "nvpmodel"
+    tool.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    tool.chmod(0o755)
+    store = Store(tmp_path / "d")
+    profile = load_profile("jetson-orin-nano")
+    switch = PowerModeSwitch(store, nvpmodel=str(tool))
+    switch.apply(profile.mode_for(on_battery=False))
+    switch.apply(profile.mode_for(on_battery=False))
+    switch.apply(profile.mode_for(on_battery=True))
+    assert calls.read_text().split("\n")[:2] == ["-m 0", "-m 1"]
+    assert [r["state"] for r in store.query("SELECT state FROM events WHERE source = 'nvpmodel'")] == ["15W", "7W"]
+    PowerModeSwitch(store, nvpmodel=None).apply(load_profile("x86-cpu").mode_for(on_battery=True))  # no knob: no-op

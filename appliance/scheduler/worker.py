@@ -44,6 +44,7 @@ class Worker:
         self.once = once
         self.stop = threading.Event()
         self.gate = LiveGate(ctx)
+        self.power_mode = PowerModeSwitch(self.store)
         hw = ctx.config.hardware
         self.bundle_dir = Path(hw.bundle) if hw.bundle else None
         self.models_dir = Path(hw.models_dir) if hw.models_dir else None
@@ -78,6 +79,7 @@ class Worker:
                               only_run_now=only_run_now)
         if job is None:
             return False
+        self.power_mode.apply(decision.mode)
         self.run_job(job, threads=decision.mode.threads, starving=starving)
         return True
 
@@ -216,3 +218,30 @@ class _LeaseKeeper:
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class PowerModeSwitch:
+    """Applies the profile's power mode where the box has a knob for it: `nvpmodel -m N` on a Jetson.
+
+    Threads are passed to each job; the nvpmodel mode is a board-wide setting, changed only when the
+    chosen mode changes, and recorded as a power event. A box without nvpmodel keeps its clocks.
+    """
+
+    def __init__(self, store, nvpmodel: str | None = None) -> None:
+        self.store = store
+        self.nvpmodel = nvpmodel or shutil.which("nvpmodel")
+        self.current: int | None = None
+
+    def apply(self, mode) -> None:
+        if mode.nvpmodel is None or self.nvpmodel is None or mode.nvpmodel == self.current:
+            return
+        import subprocess
+
+        proc = subprocess.run([self.nvpmodel, "-m", str(mode.nvpmodel)], capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            log.warning("nvpmodel failed; running in the current board mode", mode=mode.name,
+                        error=(proc.stderr or proc.stdout).strip()[:200])
+            return
+        self.current = mode.nvpmodel
+        self.store.add_event("power", "nvpmodel", mode.name, f"nvpmodel -m {mode.nvpmodel}")
+        log.info("power mode set", mode=mode.name, nvpmodel=mode.nvpmodel)
