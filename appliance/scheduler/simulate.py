@@ -64,6 +64,13 @@ class SimResult:
     def summary(self, trace: dict) -> dict:
         done = [j for j in self.jobs if j.finished is not None]
         waits = [j.first_start - j.arrive for j in self.jobs if j.first_start is not None]
+        mpps = _windows(trace, "mpps_in_progress_min", "mpps_completed_min")
+
+        def idle_since(t: float, arrive: float) -> float:
+            """When the scanner last turned idle before t (or the arrival, if later): the grace starts there."""
+            return max([arrive] + [b for a, b in mpps if b <= t])
+
+        after_idle = [j.first_start - idle_since(j.first_start, j.arrive) for j in self.jobs if j.first_start is not None]
         turn = [j.finished - j.arrive for j in done]
         return {
             "trace": self.trace,
@@ -76,6 +83,8 @@ class SimResult:
             "jobs_by_pipeline": {p: sum(1 for j in self.jobs if j.pipeline == p) for p in sorted({j.pipeline for j in self.jobs})},
             "wait_s_median": _pct(waits, 50),
             "wait_s_p95": _pct(waits, 95),
+            "wait_after_idle_s_median": _pct(after_idle, 50),
+            "wait_after_idle_s_p95": _pct(after_idle, 95),
             "turnaround_s_median": _pct(turn, 50),
             "turnaround_s_p95": _pct(turn, 95),
             "preemptions": sum(j.preemptions for j in self.jobs),
