@@ -1,0 +1,1 @@
+"""Training scripts for the reference models (torch; never imported by the appliance)."""
