@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from appliance.logs import get_logger
 from appliance.modelcard import sha256_file
+from appliance.store.files import atomic_write, fsync_dir
 
 log = get_logger(__name__)
 
@@ -205,7 +206,7 @@ def ensure_signing_key(data_dir: Path | str) -> Path:
             log.info("bundle signing key created", path=str(private))
     if not public.exists():
         pub = load_private_key(private).public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
-        _write_atomic(public, pub, mode=0o644)
+        atomic_write(public, pub, mode=0o644)
     return private
 
 
@@ -334,24 +335,6 @@ def verify_bundle(bundle_dir: Path | str, trusted_keys: Iterable[Any] | Path | s
 # ------------------------------------------------------------------------------------ install, rollback
 
 
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _point(root: Path, name: str, target: str) -> None:
     """Make ``root/name`` a symlink to ``target`` (relative) atomically: a temp symlink, then os.replace."""
     tmp = root / f".{name}.{os.getpid()}.tmp"
@@ -359,7 +342,7 @@ def _point(root: Path, name: str, target: str) -> None:
         tmp.unlink()
     os.symlink(target, tmp)
     os.replace(tmp, root / name)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def _link_target(root: Path, name: str) -> str | None:
@@ -383,7 +366,7 @@ def _copy_bundle(src: Path, manifest: Manifest, dest: Path) -> None:
         with open(target, "rb+") as fh:
             os.fsync(fh.fileno())
     for directory in sorted({p.parent for p in dest.rglob("*")}, key=lambda p: len(p.parts), reverse=True):
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
 
 def install_bundle(src: Path | str, data_dir: Path | str, *, trusted_keys: Iterable[Any] | None = None,
@@ -411,7 +394,7 @@ def install_bundle(src: Path | str, data_dir: Path | str, *, trusted_keys: Itera
             _copy_bundle(Path(src), manifest, incoming)
             verify_bundle(incoming, keys)
             os.rename(incoming, dest)
-            _fsync_dir(root)
+            fsync_dir(root)
         finally:
             if incoming.exists():
                 shutil.rmtree(incoming, ignore_errors=True)

@@ -16,8 +16,6 @@ import contextlib
 import hashlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from appliance.logs import get_logger
+from appliance.store.files import atomic_write, fsync_dir  # noqa: F401 - re-exported
 
 log = get_logger("appliance.pipeline.checkpoint")
 
@@ -40,35 +39,9 @@ class Preempted(Exception):  # noqa: N818 - the name says what happened, as the 
         self.safe_point = safe_point
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX needs the directory entry itself synced)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write `data` to `path` so that a crash leaves the old file or the new one, never half of either."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)  # mkstemp makes 0600; results are read by the other services
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    atomic_write(path, data, mode=mode)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

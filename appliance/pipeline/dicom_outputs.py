@@ -31,9 +31,8 @@ written; each is written to a temp name, fsynced and renamed (nothing half-writt
 from __future__ import annotations
 
 import datetime as dt
-import os
+import io
 import platform
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from appliance import RESEARCH_USE_BANNER, __version__
 from appliance.logs import get_logger
+from appliance.store.files import atomic_write
 
 log = get_logger(__name__)
 
@@ -894,17 +894,9 @@ def _reference(ds: Dataset) -> Dataset:
 
 def _save(ds: Dataset, path: Path) -> Path:
     """Temp name, fsync, rename: a reader (the C-STORE sender) never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            ds.save_as(handle, enforce_file_format=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return atomic_write(path, buffer.getbuffer())
 
 
 def write_dicom_outputs(

@@ -23,13 +23,18 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes | memoryview, *, durable: bool = True) -> Path:
-    """Write `data` to `path` atomically; with durable=True it is on disk when this returns."""
+def atomic_write(path: Path, data: bytes | memoryview, *, durable: bool = True, mode: int = 0o644) -> Path:
+    """Write `data` to `path` atomically; with durable=True it is on disk when this returns.
+
+    The one way every part of the appliance writes a file that another process reads (results,
+    checkpoints, bundles, reports); the DICOM receive path has its own tuned variant in instances.py.
+    """
     path = Path(path)
     created = _make_parents(path.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{os.getpid()}{TMP_SUFFIX}", dir=path.parent)
     tmp = Path(tmp_name)
     try:
+        os.fchmod(fd, mode)  # mkstemp makes 0600; the other services must be able to read results
         view = memoryview(data)
         while view:
             written = os.write(fd, view)
@@ -61,8 +66,8 @@ def _make_parents(directory: Path) -> list[Path]:
     return list(reversed(missing))
 
 
-def atomic_write_text(path: Path, text: str, *, durable: bool = True) -> Path:
-    return atomic_write(path, text.encode("utf-8"), durable=durable)
+def atomic_write_text(path: Path, text: str, *, durable: bool = True, mode: int = 0o644) -> Path:
+    return atomic_write(path, text.encode("utf-8"), durable=durable, mode=mode)
 
 
 STALE_TEMP_S = 3600.0
