@@ -40,6 +40,7 @@ import numpy as np
 
 from appliance.logs import get_logger
 from appliance.modelcard import ModelCard
+from models.train.ct_common import crop  # the trainers' crop: calibration sees what training saw
 
 log = get_logger(__name__)
 
@@ -184,21 +185,6 @@ def normalise(hu: np.ndarray, card: ModelCard) -> np.ndarray:
         hi = np.inf if norm.clip_high is None else norm.clip_high
         return ((np.clip(x, lo, hi) - norm.mean) / norm.std).astype(np.float32)
     raise ValueError(f"{card.role}: {norm.type} normalisation is for 2D images, not CT")
-
-
-def crop(volume: np.ndarray, centre: Sequence[int], size: Sequence[int], fill: float = 0.0) -> np.ndarray:
-    """A ``size`` box whose start is ``centre - size // 2``, padded with ``fill`` (as the pipeline crops)."""
-    out = np.full(tuple(size), fill, dtype=volume.dtype)
-    src, dst = [], []
-    for c, s, n in zip(centre, size, volume.shape, strict=True):
-        start = int(c) - s // 2
-        lo, hi = max(start, 0), min(start + s, n)
-        if hi <= lo:
-            return out
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - start, hi - start))
-    out[tuple(dst)] = volume[tuple(src)]
-    return out
 
 
 def bbox_centre(mask: np.ndarray) -> tuple[int, ...]:
