@@ -63,6 +63,7 @@ models: $(VENV)/.dev
 	$(CT_ENV) $(BIN)/python -m models.train.ct_stage2
 	$(CT_ENV) $(BIN)/python -m models.train.ct_stage3
 	$(BIN)/edgescreen models evaluate --n 120 --stage1-n 60 --update-cards
+	$(BIN)/python -m models.evaluate_e2e
 
 bench: $(VENV)/.dev
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
