@@ -48,7 +48,7 @@ demo: $(VENV)/.runtime
 
 test: debian-deps $(VENV)/.dev
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -rs
+	EDGESCREEN_REQUIRE_TOOLS=1 $(BIN)/python -m pytest -q -rs
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
