@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from appliance import RESEARCH_USE_BANNER, __version__
-from appliance.modelcard import load_card, sha256_file
+from appliance.modelcard import ModelCard, load_card, sha256_file
 from models.train.ct_common import (
     LESION_CLASSES,
     ORGAN_NAMES,
@@ -52,6 +52,15 @@ def heldout_plan(n_ct: int, seed_base: int) -> list[tuple[int, str | None]]:
     kinds: list[str | None] = [None] * n_normal + [c for c in LESION_CLASSES for _ in range(per_class)]
     order = np.random.default_rng(seed_base).permutation(len(kinds))
     return [(seed_base + i, kinds[j]) for i, j in enumerate(order)]
+
+
+def lesion_probability(card: ModelCard, seg: np.ndarray) -> np.ndarray:
+    """The 'lesion' class of the card's segmentation output (C, *spatial) as probabilities, per its activation."""
+    spec = next(o for o in card.outputs if o.kind == "segmentation")
+    index = spec.classes.index("lesion")
+    if spec.activation == "softmax":
+        return softmax(seg, axis=0)[index]
+    return sigmoid(seg[index])
 
 
 def bootstrap_ci(values: np.ndarray, stat: Callable[[np.ndarray], float], n_boot: int = N_BOOT, seed: int = 0) -> list[float]:
@@ -122,7 +131,7 @@ def evaluate(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run the three pancreas models on held-out phantoms; write and return the report dict."""
-    from models.train.ct_data import PhantomError, fine_crops, stage1_volume
+    from models.train.ct_data import PhantomError, fine_crops, prerender, stage1_volume
 
     t_start = time.time()
     models_dir = Path(models_dir)
@@ -132,6 +141,7 @@ def evaluate(
     sess = {r: _session(models_dir / cards[r].file) for r in ROLES}
     plan = heldout_plan(n_ct, seed_base)
     stage1_n = len(plan) if stage1_n is None else min(stage1_n, len(plan))
+    prerender(fine_crops, plan)  # renders stage 1 volumes too (fine_crops locates the gland on them)
 
     c1, c2, c3 = cards["pancreas.stage1"], cards["pancreas.stage2"], cards["pancreas.stage3"]
     n1, n2, n3 = (c.preprocessing.normalization for c in (c1, c2, c3))
@@ -173,7 +183,7 @@ def evaluate(
         truth.append(int(lesion is not None))
         row["abnormal_prob"] = score
         if lesion is not None:
-            les_dice.append(dice(sigmoid(seg[0, 0]) >= 0.5, fc["s2_lesion"]))
+            les_dice.append(dice(lesion_probability(c2, seg[0]) >= 0.5, fc["s2_lesion"]))
             row["lesion_dice"] = les_dice[-1]
         t2 += time.time() - t
         if lesion is not None:
@@ -476,20 +486,18 @@ def render_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="edgescreen models evaluate", description="Held-out evaluation of the reference models.")
-    ap.add_argument("--n", type=int, default=120, help="held-out CT studies (>= 120 for the report)")
-    ap.add_argument("--models", type=Path, default=MODELS_DIR, help="folder with the ONNX models and cards")
-    ap.add_argument("--seed-base", type=int, default=200_000)
-    ap.add_argument("--stage1-n", type=int, default=None, help="studies for stage 1 (default: all)")
-    ap.add_argument("--pipeline-n", type=int, default=3, help="studies also run from native 512 series resampled (0: skip)")
-    ap.add_argument("--update-cards", action="store_true", help="copy held-out metrics into the model cards")
-    ap.add_argument("--out-md", type=Path, default=None)
-    ap.add_argument("--out-json", type=Path, default=None)
-    args = ap.parse_args(argv)
-    evaluate(args.models, args.n, args.seed_base, args.out_md, args.out_json, stage1_n=args.stage1_n,
+def run_from_args(args: argparse.Namespace) -> int:
+    evaluate(args.models or MODELS_DIR, args.n, args.seed_base, args.out_md, args.out_json, stage1_n=args.stage1_n,
              pipeline_n=args.pipeline_n, update_cards=args.update_cards)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from appliance.cli.models_cmd import add_evaluate_arguments
+
+    ap = argparse.ArgumentParser(prog="python -m models.evaluate", description="Held-out evaluation of the reference models.")
+    add_evaluate_arguments(ap)
+    return run_from_args(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -263,11 +263,16 @@ def ct_builder(card: ModelCard, seed: int, lesion: str | None) -> Case:
     for out in card.outputs:
         names = [c.lower() for c in out.classes]
         if out.kind == "segmentation" and out.activation == "softmax":
-            if all(n in organ_ids for n in names):  # organ classes, matched to the phantom's labels by name
+            # organ classes are matched to the phantom's labels by name; a "lesion" class wins over the organ
+            if all(n in organ_ids or n == "lesion" for n in names):
                 lut = np.zeros(256, dtype=np.int64)
                 for index, name in enumerate(names):
-                    lut[organ_ids[name]] = index
-                truth[out.name] = lut[lab_c]
+                    if name != "lesion":
+                        lut[organ_ids[name]] = index
+                labels_c = lut[lab_c]
+                if "lesion" in names:
+                    labels_c = np.where(les_c > 0, names.index("lesion"), labels_c)
+                truth[out.name] = labels_c
         elif out.kind == "segmentation":
             truth[out.name] = (les_c > 0).astype(np.int64)
         elif out.kind == "classification" and set(names) <= lesion_names:

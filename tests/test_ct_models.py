@@ -29,10 +29,11 @@ from models.train.ct_common import (
 
 ort = pytest.importorskip("onnxruntime")
 MODELS = Path(__file__).resolve().parents[1] / "models"
-# Measured with the shipped model: 0.78 on this test's seed (200007, pancreas slab), 0.64 mean on
-# calibration seeds 100900-100903; models/REPORT.md has the held-out mean. The floor leaves a wide
-# margin so the test checks behaviour (the pancreas is found), not one run's exact number.
-STAGE1_PANCREAS_DICE_FLOOR = 0.55
+# Measured with the shipped model (stage 1 0.2.0, 2600 steps): 0.95 on this test's seed (200007, pancreas
+# slab), 0.85 mean on calibration seeds 100900-100903, 0.89 on the 60 held-out studies of models/REPORT.md.
+# The floor leaves a margin for a retrained model, yet fails a model that has not learned the gland (the
+# earlier, under-trained 0.1.0 run measured 0.78 here and 0.60 held-out).
+STAGE1_PANCREAS_DICE_FLOOR = 0.8
 
 
 def _load(role: str) -> tuple[ModelCard, object]:
@@ -94,9 +95,11 @@ def test_stage2_runs_on_its_crop() -> None:
     assert list(x.shape[1:]) == card.inputs[0].shape[1:]
     outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {card.inputs[0].name: x}), strict=True))
     assert set(outs) == {o.name for o in card.outputs}
-    assert outs["lesion"].shape == (1, 1, *card.preprocessing.crop_size)
+    seg = card.output("lesion")
+    assert seg.kind == "segmentation" and "lesion" in seg.classes
+    assert outs["lesion"].shape == (1, len(seg.classes), *card.preprocessing.crop_size)
     assert outs["abnormal"].shape == (1, 1)
-    assert card.output("lesion").classes == ["lesion"] and card.output("abnormal").classes == ["abnormal"]
+    assert card.output("abnormal").classes == ["abnormal"]
     p = float(sigmoid(outs["abnormal"])[0, 0])
     assert 0.0 <= p <= 1.0
     assert card.decision is not None and 0.0 < card.decision.threshold < 1.0

@@ -85,3 +85,13 @@ def test_changed_model_file_is_detected(tmp_path: Path) -> None:
     (tmp_path / raw["file"]).write_bytes(b"not the model")
     with pytest.raises(CardError, match="sha256"):
         load_card(_write(tmp_path, raw))
+
+
+def test_models_evaluate_takes_the_options_make_models_passes() -> None:
+    """`make models` runs `edgescreen models evaluate --n 120 --stage1-n 60 --update-cards`: it must parse."""
+    from appliance.cli import build_parser
+
+    args = build_parser().parse_args(["models", "evaluate", "--n", "120", "--stage1-n", "60", "--update-cards"])
+    assert (args.models_command, args.n, args.stage1_n, args.update_cards) == ("evaluate", 120, 60, True)
+    makefile = (MODELS.parent / "Makefile").read_text()
+    assert "edgescreen models evaluate --n 120 --stage1-n 60 --update-cards" in makefile

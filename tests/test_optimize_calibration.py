@@ -65,6 +65,19 @@ def test_stage2_case_from_the_ct_phantom_matches_the_card() -> None:
     assert case.truth["cls"].tolist() == [1]
 
 
+def test_softmax_pancreas_and_lesion_segmentation_gets_a_label_map_truth() -> None:
+    """The shipped stage 2 segments background/pancreas/lesion: the lesion label wins over the gland's."""
+    card = _card("pancreas.stage2", ["ct"],
+                 [{"name": "seg", "kind": "segmentation", "activation": "softmax",
+                   "classes": ["background", "pancreas", "lesion"]},
+                  {"name": "cls", "kind": "classification", "activation": "sigmoid", "classes": ["abnormal"]}],
+                 target_spacing_mm=[2.0, 2.0, 2.0], crop_size=[24, 48, 48])
+    case = ct_builder(card, HELDOUT_SEED_BASE + 1, "pdac")
+    seg = case.truth["seg"]
+    assert seg.shape == (24, 48, 48) and set(np.unique(seg)) == {0, 1, 2}
+    assert (seg == 2).sum() > 0 and (seg == 1).sum() > (seg == 2).sum() // 4  # lesion and the gland around it
+
+
 def test_stage3_case_is_centred_on_the_lesion_with_its_class() -> None:
     card = _card("pancreas.stage3", ["ct", "lesion_mask"],
                  [{"name": "logits", "kind": "classification", "activation": "softmax", "classes": list(LESION_CLASSES)}],

@@ -105,6 +105,14 @@ def write_card(path: Path, card: dict[str, Any]) -> ModelCard:
     return validated
 
 
+def recipe(steps: int, batch: int, lr: float, seed: int) -> str:
+    """One sentence for a card's training_data: what a reader needs to repeat or judge the run."""
+    from models.train.ct_data import phantom_fingerprint
+
+    return (f" Recipe: {steps} steps of batch {batch}, AdamW lr {lr:g} with warm-up and cosine decay, seed {seed}, "
+            f"{train_threads()} torch thread(s), phantom generator revision {phantom_fingerprint()}.")
+
+
 def train_threads() -> int:
     """Torch threads for training: 2 at most (shared 2-core machine); EDGESCREEN_TRAIN_THREADS=1 when crowded."""
     return max(1, min(2, int(os.environ.get("EDGESCREEN_TRAIN_THREADS", "2"))))

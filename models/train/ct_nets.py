@@ -63,23 +63,35 @@ class UNet3D(nn.Module):
 
 
 class LesionNet(nn.Module):
-    """Stage 2: joint lesion segmentation + abnormality classification (PANDA's stage 2 idea).
+    """Stage 2: joint pancreas + lesion segmentation and abnormality classification (PANDA's stage 2 idea).
 
-    The abnormality logit combines (a) the strongest *smoothed* lesion evidence in the crop, so the
-    classifier and the segmentation agree and a single noisy voxel cannot fire it, and (b) the
-    max-pooled bottleneck features (gland texture, duct dilation). Both are maxima, not means, so a
-    net trained on sub-patches of the crop reads the full crop the same way.
+    The segmentation has three classes (background, pancreas, lesion) because a lesion is "the part of
+    the gland that looks different": learning the gland gives dense supervision on every crop, normal or
+    not, and the lesion class then only has to learn the difference. The abnormality logit combines
+    (a) the strongest *smoothed* lesion-vs-rest logit in the crop, so the classifier and the segmentation
+    agree and a single noisy voxel cannot fire it, and (b) the max-pooled bottleneck features (gland
+    texture, duct dilation). Both are maxima, not means, so a net trained on sub-patches of the crop reads
+    the full crop the same way.
     """
+
+    SEG_CLASSES = ("background", "pancreas", "lesion")
 
     def __init__(self, in_channels: int, channels: Sequence[int]) -> None:
         super().__init__()
-        self.unet = UNet3D(in_channels, 1, channels)
+        self.unet = UNet3D(in_channels, len(self.SEG_CLASSES), channels)
         self.cls = nn.Linear(channels[-1] + 1, 1)
+
+    @staticmethod
+    def lesion_logit(seg: torch.Tensor) -> torch.Tensor:
+        """log(p_lesion / (1 - p_lesion)) from the 3 logits, with plain ops (Max/Exp/Log) every runtime has."""
+        a, b = seg[:, 0:1], seg[:, 1:2]
+        m = torch.maximum(a, b)
+        return seg[:, 2:3] - (m + torch.log(torch.exp(a - m) + torch.exp(b - m)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dec, bott = self.unet.features(x)
         seg = self.unet.head(dec)
-        smooth = F.avg_pool3d(seg, kernel_size=5, stride=1, padding=2, count_include_pad=False)
+        smooth = F.avg_pool3d(self.lesion_logit(seg), kernel_size=5, stride=1, padding=2, count_include_pad=False)
         peak = torch.amax(smooth, dim=(2, 3, 4))
         pooled = torch.cat([torch.amax(bott, dim=(2, 3, 4)), peak], dim=1)
         return seg, self.cls(pooled)

@@ -4,7 +4,7 @@ PANDA's stage 1 localises the pancreas with nnU-Net; segmenting the neighbours t
 kidneys, aorta, vertebrae) gives the network the anatomical context that separates pancreas from
 bowel and vessels of the same density on non-contrast CT.
 
-    python -m models.train.ct_stage1 [--volumes 64] [--steps 400] [--out models]
+    python -m models.train.ct_stage1 [--volumes 120] [--steps 2600] [--out models]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from models.train.ct_export import (
     LICENCE,
     export_onnx,
     load_weights,
+    recipe,
     save_checkpoint,
     seed_everything,
     write_card,
@@ -33,7 +34,7 @@ from models.train.ct_nets import UNet3D, n_params, soft_dice_loss, warmup_cosine
 
 CHANNELS = (8, 16, 32, 64, 128)
 ROLE = "pancreas.stage1"
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 
 
 def build_model() -> UNet3D:
@@ -96,7 +97,7 @@ def train(
             running = 0.0
     info = {"train_seconds": round(time.time() - t1, 1), "data_seconds": round(t_data, 1), "steps": steps,
             "batch": batch, "train_seeds": [seeds[0], seeds[-1]], "params": n_params(model), "skipped_seeds": skipped,
-            "init": str(init) if init else None, "lr": lr}
+            "init": str(init) if init else None, "lr": lr, "seed": seed}
     return model, info
 
 
@@ -137,6 +138,7 @@ def card(info: dict) -> dict:
             f"{info['n_volumes']} synthetic non-contrast abdominal CT phantoms from models.phantom.ct "
             f"(seeds {info['train_seeds'][0]}-{info['train_seeds'][1]}, about 1/3 normal, the rest with one lesion "
             "of the 8 classes), rendered at the target spacing. Calibration seeds 100000-100999, held-out 200000+."
+            + recipe(info["steps"], info["batch"], info["lr"], info["seed"])
             + (f" This run resumed from {Path(info['init']).name} (lr {info['lr']}, {info['steps']} more steps)."
                if info.get("init") else "")
         ),
@@ -150,8 +152,8 @@ def card(info: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--volumes", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--volumes", type=int, default=120)
+    ap.add_argument("--steps", type=int, default=2600)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1])

@@ -1,11 +1,13 @@
-"""Train pancreas.stage2: joint lesion segmentation + abnormality classification on the pancreas crop.
+"""Train pancreas.stage2: joint pancreas + lesion segmentation and abnormality classification on the pancreas crop.
 
 PANDA's stage 2 learns "is there a lesion, and where" together, because the segmentation gives the
-classifier a localised, explainable reason. Here the abnormality logit is built from the strongest
+classifier a localised, explainable reason; segmenting the gland as well gives every crop, normal or
+not, dense supervision (the lesion-only version 0.1.0, trained 600 steps, reached held-out lesion Dice
+0.12 and AUC 0.67). Here the abnormality logit is built from the strongest
 smoothed lesion evidence plus pooled bottleneck features (see ct_nets.LesionNet). The decision
 threshold is set on calibration seeds (disjoint from training and held-out) at 99% specificity.
 
-    python -m models.train.ct_stage2 [--studies 160] [--steps 600] [--out models]
+    python -m models.train.ct_stage2 [--studies 450] [--steps 2200] [--out models]
 """
 
 from __future__ import annotations
@@ -25,17 +27,20 @@ from models.train.ct_export import (
     INTENDED_USE,
     LICENCE,
     export_onnx,
+    recipe,
     save_checkpoint,
     seed_everything,
     write_card,
 )
-from models.train.ct_nets import LesionNet, n_params, warmup_cosine
+from models.train.ct_nets import LesionNet, n_params, soft_dice_loss, warmup_cosine
 
 CHANNELS = (8, 16, 32, 64, 96)
 ROLE = "pancreas.stage2"
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 PATCH = (32, 64, 64)  # training sub-patch of the crop: cheaper steps, the net is fully convolutional
 MIN_LESION_VOXELS = 20  # a patch holding fewer lesion voxels than this is not called abnormal
+LR = 3e-3
+UNIFORM_FRACTION = 0.25  # share of training patches drawn anywhere in the crop (nnU-Net samples 2/3 at random)
 # calibration: normal renders of these seeds set the threshold; a few lesion renders report sensitivity
 N_CALIB_NORMALS = 80
 N_CALIB_LESIONS = 2 * len(LESION_CLASSES)
@@ -58,23 +63,31 @@ def prepare(hu: np.ndarray) -> np.ndarray:
 
 
 def sample_patch(item: dict[str, np.ndarray], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
-    """A sub-patch of the crop: on lesion studies usually around the lesion, otherwise around the gland."""
+    """A sub-patch of the crop: anywhere in it (a quarter of the time), else around the lesion or the gland.
+
+    The uniform quarter shows the net the bowel, vessels and duodenum at the crop's edges: at inference
+    it reads the whole crop, and a fluid-filled loop it never saw in training must not look like a cyst.
+    """
     hu, les, pan = item["s2_hu"], item["s2_lesion"], item["s2_pancreas"]
-    target = les if les.any() and rng.random() < 0.8 else pan
-    if target.any():
-        zz, yy, xx = np.nonzero(target)
-        i = int(rng.integers(len(zz)))
-        centre = (zz[i], yy[i], xx[i])
+    if rng.random() < UNIFORM_FRACTION:
+        starts = [int(rng.integers(0, s - p + 1)) for s, p in zip(hu.shape, PATCH, strict=True)]
     else:
-        centre = tuple(s // 2 for s in hu.shape)
-    starts = [int(np.clip(c - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, s - p))
-              for c, p, s in zip(centre, PATCH, hu.shape, strict=True)]
+        target = les if les.any() and rng.random() < 0.8 else pan
+        if target.any():
+            zz, yy, xx = np.nonzero(target)
+            i = int(rng.integers(len(zz)))
+            centre = (zz[i], yy[i], xx[i])
+        else:
+            centre = tuple(s // 2 for s in hu.shape)
+        starts = [int(np.clip(c - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, s - p))
+                  for c, p, s in zip(centre, PATCH, hu.shape, strict=True)]
     sl = tuple(slice(a, a + p) for a, p in zip(starts, PATCH, strict=True))
     x = pipeline_noise(hu[sl].astype(np.float32), float(item["noise_sigma"]), "fine", rng)
     x = thick_slices(x, float(item["thickness"]), STAGE2.spacing_mm[0], rng)
     x = x * float(rng.uniform(0.97, 1.03)) + float(rng.uniform(-10, 10))
-    y = les[sl]
-    return window(x, STAGE2.hu_low, STAGE2.hu_high), y, float(y.sum() >= MIN_LESION_VOXELS)
+    lesion = les[sl] > 0
+    y = np.where(lesion, 2, pan[sl] > 0).astype(np.int64)  # LesionNet.SEG_CLASSES: background, pancreas, lesion
+    return window(x, STAGE2.hu_low, STAGE2.hu_high), y, float(lesion.sum() >= MIN_LESION_VOXELS)
 
 
 def train(n_studies: int, steps: int, batch: int, seed: int, log_every: int = 50) -> tuple[LesionNet, dict]:
@@ -85,7 +98,7 @@ def train(n_studies: int, steps: int, batch: int, seed: int, log_every: int = 50
     n_les = sum(bool(it["s2_lesion"].any()) for it in items)
     print(f"stage2: {len(items)} crops ({n_les} with lesion) in {t_data:.0f} s; generator rejected {skipped}", flush=True)
     model = build_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-4)
     sched = warmup_cosine(opt, steps)
     model.train()
     t1 = time.time()
@@ -93,12 +106,11 @@ def train(n_studies: int, steps: int, batch: int, seed: int, log_every: int = 50
     for step in range(1, steps + 1):
         xs, ys, cs = zip(*(sample_patch(items[int(rng.integers(len(items)))], rng) for _ in range(batch)), strict=True)
         x = torch.from_numpy(np.stack(xs)[:, None])
-        y = torch.from_numpy(np.stack(ys)[:, None].astype(np.float32))
+        y = torch.from_numpy(np.stack(ys))
         c = torch.tensor(cs, dtype=torch.float32)[:, None]
         seg, cls = model(x)
-        p = torch.sigmoid(seg)
-        inter = (p * y).sum()
-        seg_loss = F.binary_cross_entropy_with_logits(seg, y) + 1 - (2 * inter + 1) / (p.sum() + y.sum() + 1)
+        onehot = F.one_hot(y, len(LesionNet.SEG_CLASSES)).permute(0, 4, 1, 2, 3).float()
+        seg_loss = F.cross_entropy(seg, y) + soft_dice_loss(torch.softmax(seg, 1)[:, 1:], onehot[:, 1:])
         cls_loss = F.binary_cross_entropy_with_logits(cls, c)
         loss = seg_loss + 0.5 * cls_loss
         opt.zero_grad(set_to_none=True)
@@ -112,7 +124,7 @@ def train(n_studies: int, steps: int, batch: int, seed: int, log_every: int = 50
             running[:] = 0
     info = {"train_seconds": round(time.time() - t1, 1), "data_seconds": round(t_data, 1), "steps": steps,
             "batch": batch, "train_seeds": [seeds[0], seeds[-1]], "params": n_params(model), "n_studies": n_studies,
-            "skipped_seeds": skipped}
+            "skipped_seeds": skipped, "seed": seed}
     return model, info
 
 
@@ -151,12 +163,12 @@ def card(info: dict, calib: dict) -> dict:
     return {
         "schema_version": 1,
         "role": ROLE,
-        "name": "edgescreen pancreas stage 2: lesion segmentation + abnormality (multi-task 3D U-Net)",
+        "name": "edgescreen pancreas stage 2: pancreas + lesion segmentation and abnormality (multi-task 3D U-Net)",
         "version": VERSION,
         "file": f"{ROLE}.onnx",
         "inputs": [{"name": "ct", "layout": "NCDHW", "dtype": "float32", "shape": ["N", 1, *STAGE2.size], "channels": ["ct"]}],
         "outputs": [
-            {"name": "lesion", "kind": "segmentation", "activation": "sigmoid", "classes": ["lesion"]},
+            {"name": "lesion", "kind": "segmentation", "activation": "softmax", "classes": list(LesionNet.SEG_CLASSES)},
             {"name": "abnormal", "kind": "classification", "activation": "sigmoid", "classes": ["abnormal"]},
         ],
         "preprocessing": {
@@ -180,6 +192,7 @@ def card(info: dict, calib: dict) -> dict:
             f"{info['train_seeds'][0]}-{info['train_seeds'][1]}, about 1/3 normal, the rest one lesion of the 8 classes), "
             "crops centred on the true pancreas bounding box. Calibration seeds "
             f"{calib['calibration_normal_seeds']} (normal) and {calib['calibration_lesion_seeds']} (lesions); held-out 200000+."
+            + recipe(info["steps"], info["batch"], LR, info["seed"])
         ),
         "licence": LICENCE,
         "citation": CITATION,
@@ -190,8 +203,8 @@ def card(info: dict, calib: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--studies", type=int, default=160)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--studies", type=int, default=450)
+    ap.add_argument("--steps", type=int, default=2200)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seed", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1])

@@ -4,7 +4,7 @@ PANDA's stage 3 tells PDAC from PNET, SPT, IPMN, MCN, SCN, chronic pancreatitis 
 the management differs. The input is a lesion-centred crop with two channels: the CT and the lesion
 mask (from stage 2 in the appliance; the truth in training), so the net knows which blob to describe.
 
-    python -m models.train.ct_stage3 [--studies 110] [--steps 500] [--out models]
+    python -m models.train.ct_stage3 [--studies 300] [--steps 4000] [--out models]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from models.train.ct_export import (
     INTENDED_USE,
     LICENCE,
     export_onnx,
+    recipe,
     save_checkpoint,
     seed_everything,
     write_card,
@@ -33,7 +34,8 @@ from models.train.ct_stage2 import CALIB_LESIONS_FROM, N_CALIB_LESIONS, calib_le
 
 CHANNELS = (16, 32, 64, 128)  # each block strides: 48x64x64 -> 3x4x4
 ROLE = "pancreas.stage3"
-VERSION = "0.1.0"
+VERSION = "0.2.0"
+LR = 2e-3
 
 
 def build_model() -> LesionClassifier:
@@ -68,7 +70,7 @@ def train(n_studies: int, steps: int, batch: int, seed: int, log_every: int = 50
     counts = np.bincount([y for _, y in data], minlength=len(LESION_CLASSES))
     print(f"stage3: {len(data)} lesion crops in {t_data:.0f} s, per class {counts.tolist()}", flush=True)
     model = build_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-3)
     sched = warmup_cosine(opt, steps)
     model.train()
     t1 = time.time()
@@ -88,7 +90,7 @@ def train(n_studies: int, steps: int, batch: int, seed: int, log_every: int = 50
             running = 0.0
     info = {"train_seconds": round(time.time() - t1, 1), "data_seconds": round(t_data, 1), "steps": steps, "batch": batch,
             "train_seeds": [seeds[0], seeds[-1]], "params": n_params(model), "n_studies": len(seeds),
-            "per_class": counts.tolist(), "skipped_seeds": skipped}
+            "per_class": counts.tolist(), "skipped_seeds": skipped, "seed": seed}
     return model, info
 
 
@@ -128,6 +130,7 @@ def card(info: dict, val: dict) -> dict:
             f"seeds within {info['train_seeds'][0]}-{info['train_seeds'][1]}, per class {info['per_class']} in the order "
             f"{list(LESION_CLASSES)}), crops centred on the true lesion bounding box, true lesion mask as channel 2. "
             f"Calibration seeds {val['calibration_lesion_seeds']}; held-out 200000+."
+            + recipe(info["steps"], info["batch"], LR, info["seed"])
         ),
         "licence": LICENCE,
         "citation": CITATION,
@@ -138,8 +141,8 @@ def card(info: dict, val: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--studies", type=int, default=110, help="lesion studies (the lesion seeds among stage 2's)")
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--studies", type=int, default=300, help="lesion studies (the lesion seeds among stage 2's)")
+    ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1])
