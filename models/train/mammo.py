@@ -1,18 +1,19 @@
 """Train, cross-validate and export the mammography screening model on mini-MIAS.
 
-    python -m models.train.mammo --data /work/shared/data/mini-mias --out models/
+    python -m models.train.mammo --data /work/shared/data/mini-mias --out models/ [--size 1024]
 
 1. Prepare every image with the appliance's own `prepare_mammogram` (chest wall left, percentile
-   scaled, 512 x 512) and draw the labelled finding circles into masks.
+   scaled, --size x --size: 512 by default, i.e. 400 micron/pixel; 1024 is mini-MIAS's native 200 micron)
+   and draw the labelled finding circles into masks.
 2. Patient-level 5-fold cross-validation (stratified by each patient's worst finding): out-of-fold
    predictions for every image give AUCs, the operating threshold and patient-bootstrap 95% CIs.
 3. Train the final model on all development patients, export ONNX (opset 17), check it against
    onnxruntime, and write the model card (models/mammo.json) and the CV results (models/mammo_cv.json).
 
 Everything is seeded and uses deterministic kernels. The run is sized to fit in 20 minutes on 2 idle
-CPU cores: a patch step was measured at about 0.23 CPU-seconds single-threaded, and the run trains
-6 models x 1000 steps. On a shared, busy machine the wall time grows with the contention, so
-mammo_cv.json records both wall and CPU time.
+CPU cores: at 512 a patch step was measured at about 0.21-0.23 CPU-seconds single-threaded, and the run
+trains 6 models x 1000 steps; other sizes take their recipe from RECIPES (see there). On a shared, busy
+machine the wall time grows with the contention, so mammo_cv.json records both wall and CPU time.
 """
 
 from __future__ import annotations
@@ -52,12 +53,18 @@ CITATION = (
 )
 
 
-def default_preprocessing() -> Preprocessing:
+DEFAULT_SIZE = 512  # network input side in px; mini-MIAS is 1024 px at 200 micron, so 512 is 400 micron/pixel
+REFERENCE_SIZE = 512  # the size the network-pixel defaults of TrainConfig (patch, crop) are stated at
+
+
+def default_preprocessing(size: int = DEFAULT_SIZE) -> Preprocessing:
     """The preprocessing the model is trained with; it is written into the card verbatim."""
+    if size < 64 or size % 32:
+        raise ValueError(f"input size must be a multiple of 32 of at least 64 px, got {size}")
     return Preprocessing(
         normalization={"type": "percentile", "low": 0.5, "high": 99.5},
         orientation="mammo-chest-wall-left",
-        input_size_px=[512, 512],
+        input_size_px=[size, size],
     )
 
 
@@ -65,8 +72,9 @@ def default_preprocessing() -> Preprocessing:
 class TrainConfig:
     seed: int = 20240601
     folds: int = 5
+    size: int = DEFAULT_SIZE  # network input side in px (the card's input_size_px); patch and crop are in these px
     patch_steps: int = 1000  # patches around findings, from breast tissue and from mined false positives
-    patch: int = 192  # patch side in network pixels (384 original pixels, 7.7 cm): holds the largest masses
+    patch: int = 192  # patch side in network pixels; at 512: 384 original pixels, 7.7 cm, holds the largest masses
     patch_batch: int = 16
     positive_fraction: float = 0.5
     mine_every: int = 250  # re-mine hard negatives (whole-image false-positive cells) every so many steps
@@ -75,7 +83,7 @@ class TrainConfig:
     # Optional phase 2 on whole-image crops. Off: in cross-validation (800 patch steps + 6 epochs) it lowered
     # the out-of-fold AUC in 4 of 4 folds (0.53/0.63/0.61/0.54 after patches -> 0.51/0.56/0.51/0.45).
     full_epochs: int = 0
-    crop: int = 384
+    crop: int = 384  # whole-image phase crop in network pixels (at 512)
     batch_size: int = 8
     lr: float = 2e-3
     full_lr: float = 1e-3
@@ -89,6 +97,45 @@ class TrainConfig:
     threads: int = 2
     tta: bool = True  # average the logits of the image and its vertical mirror at evaluation (and in the ONNX)
     bootstrap: int = 2000
+
+
+# What changes with the input size besides the size itself, sized so the whole run (5-fold CV + final model:
+# 6 models) fits in about 20 minutes on 2 idle cores. Single-threaded CPU seconds measured on the 2-core
+# development box (torch 1 thread, real mini-MIAS, patch sampling + augmentation + forward/backward/AdamW):
+#   512:  patch 192 x 16 0.208-0.216 s/step; mining 171 training images 5.2 s; prediction + TTA of 43 images 2.4 s
+#   1024: patch 384 x 16 0.853 s/step, 384 x 8 0.458, 256 x 16 0.438; mining 20.4 s; prediction + TTA 10.5 s
+# At 512, 6 x 1000 steps ~ 1250 s of steps + ~100 s of mining and prediction: 1192 s wall with 2 threads.
+# At 1024 a pixel costs the same, so a patch holds a quarter of the tissue for the same compute: the patch keeps
+# 256 px (5.1 cm at 200 micron; all but 3 of the 81 labelled circles fit whole), batch 16, and 6 x 400 steps
+# (~1050 s) with mining twice per model instead of three times (~255 s) keep the run at ~1390 single-thread s.
+# Measured (seed 20240601, 1 thread, shared box): the 1024 recipe ran in 1209.3 s wall / 1195.0 CPU-s and gave
+# CV AUC 0.544 (512 shipped recipe: 0.647); 512 cut to the same 400 steps gave 0.553. Within this budget 1024 does
+# not pay: it cannot be trained for as long, and the step count matters more than the resolution here.
+RECIPES: dict[int, dict[str, int]] = {
+    512: {},
+    1024: {"patch": 256, "patch_steps": 400, "mine_every": 150},
+}
+
+
+def config_for_size(size: int = DEFAULT_SIZE, **overrides) -> TrainConfig:
+    """The TrainConfig for an input size: the size's entry in RECIPES; for a size without one, patch and crop
+    scaled from REFERENCE_SIZE so they cover the same physical extent (multiples of 32). Then `overrides`
+    (None means keep). The heatmap stride stays 16 network px at every size."""
+    default_preprocessing(size)  # validates the size
+    base = TrainConfig()
+    if size in RECIPES:
+        fields: dict = dict(RECIPES[size])
+    else:
+        def scale(px: int) -> int:
+            return max(32, round(px * size / REFERENCE_SIZE / 32) * 32)
+
+        fields = {"patch": scale(base.patch), "crop": scale(base.crop)}
+    fields.setdefault("crop", max(32, round(base.crop * size / REFERENCE_SIZE / 32) * 32))
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainConfig(**{**asdict(base), "size": size, **fields})
+    if cfg.patch % 32 or cfg.patch > size or cfg.crop % 32 or cfg.crop > size:
+        raise ValueError(f"patch ({cfg.patch}) and crop ({cfg.crop}) must be multiples of 32 no larger than the size ({size})")
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,7 +347,7 @@ def train_patches(model: MammoNet, data: MammoDataset, index: np.ndarray, cfg: T
     sampler = PatchSampler(data, index, int(math.ceil(cfg.patch * 1.45 / 32) * 32), rng)
     t0, c0 = time.perf_counter(), time.process_time()
     model.train()
-    running = 0.0
+    running, counted = 0.0, 0
     for step in range(cfg.patch_steps):
         if cfg.mine_every and step > 0 and step % cfg.mine_every == 0:
             sampler.mine(model, cfg.hard_per_image)
@@ -309,10 +356,11 @@ def train_patches(model: MammoNet, data: MammoDataset, index: np.ndarray, cfg: T
         x = x.contiguous(memory_format=torch.channels_last)
         lr = _lr_at(step, cfg.patch_steps, cfg.warmup_steps, cfg.lr)
         running += _step(model, opt, lr, lambda x=x, m=m: batch_loss(model, x, m, cfg))
+        counted += 1
         if (step + 1) % 150 == 0 or step + 1 == cfg.patch_steps:
-            log.info("patch phase", model=tag, step=step + 1, loss=round(running / 150, 4),
+            log.info("patch phase", model=tag, step=step + 1, loss=round(running / counted, 4),
                      wall_s=round(time.perf_counter() - t0, 1), cpu_s=round(time.process_time() - c0, 1))
-            running = 0.0
+            running, counted = 0.0, 0
 
 
 def train_full(model: MammoNet, data: MammoDataset, index: np.ndarray, cfg: TrainConfig, seed: int, tag: str) -> None:
@@ -482,7 +530,9 @@ def cross_validate(data: MammoDataset, cfg: TrainConfig) -> tuple[np.ndarray, np
         oof_patch[test_idx] = predict_scores(model, data.images[test_idx], cfg.tta)
         if cfg.full_epochs > 0:
             train_full(model, data, train_idx, cfg, seed, f"fold{k}")
-        oof[test_idx] = predict_scores(model, data.images[test_idx], cfg.tta)
+            oof[test_idx] = predict_scores(model, data.images[test_idx], cfg.tta)
+        else:  # the same model: predicting again would only repeat the same numbers (10 CPU-s a fold at 1024)
+            oof[test_idx] = oof_patch[test_idx]
         auc = _auc_or_none(data.abnormal[test_idx], oof[test_idx, 0])
         log.info("fold done", fold=k, n_test=len(test_idx), auc=None if auc is None else round(auc, 4),
                  auc_patch_phase=round(_auc_or_none(data.abnormal[test_idx], oof_patch[test_idx, 0]) or float("nan"), 4))
@@ -592,7 +642,7 @@ def write_card(out_dir: Path, onnx_path: Path, cv: dict, pre: Preprocessing, par
 def run(data_dir: Path, out_dir: Path, cfg: TrainConfig, skip_cv: bool = False) -> dict:
     t_start = time.perf_counter()
     seed_everything(cfg.seed, cfg.threads)
-    pre = default_preprocessing()
+    pre = default_preprocessing(cfg.size)
     data = load_dataset(data_dir, pre)
     log.info("data loaded", images=len(data.records), abnormal=int(data.abnormal.sum()),
              patients=int(np.unique(data.patients).size), seconds=round(time.perf_counter() - t_start, 1))
@@ -639,14 +689,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="mini-MIAS folder with labels.csv and mdbNNN.png")
     parser.add_argument("--out", type=Path, default=Path("models"), help="where mammo.onnx, mammo.json, mammo_cv.json go")
-    parser.add_argument("--patch-steps", type=int, default=TrainConfig.patch_steps)
-    parser.add_argument("--full-epochs", type=int, default=TrainConfig.full_epochs)
-    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    parser.add_argument("--threads", type=int, default=TrainConfig.threads)
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE,
+                        help=f"network input side in px, a multiple of 32 (default {DEFAULT_SIZE}; mini-MIAS is 1024 px at "
+                             "200 micron); sets the card's input_size_px and the recipe in RECIPES")
+    parser.add_argument("--patch-steps", type=int, default=None, help="patch-phase steps per model (default: the size's recipe)")
+    parser.add_argument("--patch", type=int, default=None, help="patch side in network px (default: the size's recipe)")
+    parser.add_argument("--patch-batch", type=int, default=None, help=f"patches per step (default {TrainConfig.patch_batch})")
+    parser.add_argument("--mine-every", type=int, default=None, help="re-mine hard negatives every so many steps (default: the size's recipe)")
+    parser.add_argument("--full-epochs", type=int, default=None, help=f"whole-image phase epochs (default {TrainConfig.full_epochs})")
+    parser.add_argument("--seed", type=int, default=None, help=f"default {TrainConfig.seed}")
+    parser.add_argument("--threads", type=int, default=None, help=f"torch threads (default {TrainConfig.threads})")
     parser.add_argument("--skip-cv", action="store_true", help="train and export only (no card: the card needs CV figures)")
     args = parser.parse_args(argv)
     setup_logging("info")
-    cfg = TrainConfig(seed=args.seed, patch_steps=args.patch_steps, full_epochs=args.full_epochs, threads=args.threads)
+    cfg = config_for_size(args.size, seed=args.seed, patch_steps=args.patch_steps, patch=args.patch,
+                          patch_batch=args.patch_batch, mine_every=args.mine_every, full_epochs=args.full_epochs,
+                          threads=args.threads)
+    log.info("config", **{k: v for k, v in asdict(cfg).items() if k in ("size", "patch", "patch_batch", "patch_steps", "mine_every", "crop", "threads", "seed")})
     run(args.data, args.out, cfg, skip_cv=args.skip_cv)
     return 0
 
