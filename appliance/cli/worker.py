@@ -6,7 +6,9 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--once", action="store_true", help="exit when no job is queued instead of waiting for more")
+    parser.add_argument("--once", action="store_true",
+                        help="exit when no job is queued or running (a dead worker's job is waited for and taken "
+                             "over) instead of waiting for more")
     parser.add_argument("--poll", type=float, default=2.0, help="seconds between gate checks while idle (default 2)")
 
 

@@ -54,14 +54,16 @@ class Worker:
         log.info("worker started", owner=self.owner)
         while not self.stop.is_set():
             worked = self.step()
-            if self.once and not worked and not self._queued():
+            if self.once and not worked and not self._outstanding():
                 break
             if not worked:
                 self.stop.wait(self.poll_s)
         log.info("worker stopped", owner=self.owner)
 
-    def _queued(self) -> int:
-        return self.store.query_one("SELECT COUNT(*) FROM jobs WHERE state = 'queued'")[0]
+    def _outstanding(self) -> int:
+        """Jobs still to finish: queued ones, and running ones whose worker may have died (its lease then
+        expires and `reclaim_expired` queues the job again), so `--once` never leaves a killed worker's job."""
+        return self.store.query_one("SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')")[0]
 
     def step(self) -> bool:
         """One scheduling decision; True when a job ran (to completion or to a preemption)."""
