@@ -27,7 +27,9 @@ def test_demo_serves_the_generated_phantom_studies(tmp_path: Path) -> None:
                     studies = json.load(resp)["studies"]
             except OSError:
                 pass
-            if len(studies) == 5 and all(se["instances"] for st in studies for se in st["series"]):
+            # the demo prints where to open it once every phantom is sent; studies show up while it sends
+            ready = f"open http://127.0.0.1:{web}/" in (tmp_path / "demo.log").read_text()
+            if ready and len(studies) == 5 and all(se["instances"] for st in studies for se in st["series"]):
                 break
             time.sleep(2)
         output = (tmp_path / "demo.log").read_text()
