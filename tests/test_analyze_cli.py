@@ -145,8 +145,6 @@ def _write_mammogram(path: Path, laterality: str, view: str, study_uid: str) -> 
     ds.save_as(path, enforce_file_format=True)
 
 
-@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "models" / "mammo.json").is_file(),
-                    reason="mammography model not present")
 def test_mg_images_go_to_the_mammo_pipeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from pydicom.uid import generate_uid
 

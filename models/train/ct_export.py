@@ -105,6 +105,18 @@ def write_card(path: Path, card: dict[str, Any]) -> ModelCard:
     return validated
 
 
+def card_document(role: str, version: str, name: str, body: dict[str, Any], training_data: str,
+                  metrics: dict[str, Any]) -> dict[str, Any]:
+    """A pancreas model card: the stage's own ``body`` (inputs, outputs, preprocessing, decision) between the
+    fields every reference card shares (identity, intended use, licence, not-for-clinical-use), in card order."""
+    return {
+        "schema_version": 1, "role": role, "name": name, "version": version, "file": f"{role}.onnx",
+        **body,
+        "intended_use": INTENDED_USE, "training_data": training_data, "licence": LICENCE, "citation": CITATION,
+        "not_for_clinical_use": True, "metrics": metrics,
+    }
+
+
 def recipe(steps: int, batch: int, lr: float, seed: int) -> str:
     """One sentence for a card's training_data: what a reader needs to repeat or judge the run."""
     from models.train.ct_data import phantom_fingerprint

@@ -20,9 +20,7 @@ import torch.nn.functional as F
 from models.train.ct_common import ORGAN_NAMES, STAGE1, TRAIN_SEEDS, dice, sliding_window, window
 from models.train.ct_data import collect, pipeline_noise, stage1_volume
 from models.train.ct_export import (
-    CITATION,
-    INTENDED_USE,
-    LICENCE,
+    card_document,
     export_onnx,
     load_weights,
     recipe,
@@ -118,23 +116,20 @@ def validate(onnx_path: Path, seeds: list[int]) -> dict[str, float]:
 
 
 def card(info: dict) -> dict:
-    return {
-        "schema_version": 1,
-        "role": ROLE,
-        "name": "edgescreen pancreas stage 1: abdominal organ segmentation (nnU-Net-style 3D U-Net)",
-        "version": VERSION,
-        "file": f"{ROLE}.onnx",
-        "inputs": [{"name": "ct", "layout": "NCDHW", "dtype": "float32", "shape": ["N", 1, "D", "H", "W"], "channels": ["ct"]}],
-        "outputs": [{"name": "organs", "kind": "segmentation", "activation": "softmax", "classes": list(ORGAN_NAMES)}],
-        "preprocessing": {
-            "normalization": {"type": "hu_window", "low": STAGE1.hu_low, "high": STAGE1.hu_high},
-            "target_spacing_mm": list(STAGE1.spacing_mm),
-            "orientation": "LPS",
-            "patch_size": list(STAGE1.size),
-            "overlap": 0.5,
+    return card_document(
+        ROLE, VERSION, "edgescreen pancreas stage 1: abdominal organ segmentation (nnU-Net-style 3D U-Net)",
+        body={
+            "inputs": [{"name": "ct", "layout": "NCDHW", "dtype": "float32", "shape": ["N", 1, "D", "H", "W"], "channels": ["ct"]}],
+            "outputs": [{"name": "organs", "kind": "segmentation", "activation": "softmax", "classes": list(ORGAN_NAMES)}],
+            "preprocessing": {
+                "normalization": {"type": "hu_window", "low": STAGE1.hu_low, "high": STAGE1.hu_high},
+                "target_spacing_mm": list(STAGE1.spacing_mm),
+                "orientation": "LPS",
+                "patch_size": list(STAGE1.size),
+                "overlap": 0.5,
+            },
         },
-        "intended_use": INTENDED_USE,
-        "training_data": (
+        training_data=(
             f"{info['n_volumes']} synthetic non-contrast abdominal CT phantoms from models.phantom.ct "
             f"(seeds {info['train_seeds'][0]}-{info['train_seeds'][1]}, about 1/3 normal, the rest with one lesion "
             "of the 8 classes), rendered at the target spacing. Calibration seeds 100000-100999, held-out 200000+."
@@ -142,12 +137,9 @@ def card(info: dict) -> dict:
             + (f" This run resumed from {Path(info['init']).name} (lr {info['lr']}, {info['steps']} more steps)."
                if info.get("init") else "")
         ),
-        "licence": LICENCE,
-        "citation": CITATION,
-        "not_for_clinical_use": True,
-        "metrics": {"params": float(info["params"]), "train_seconds": info["train_seconds"],
+        metrics={"params": float(info["params"]), "train_seconds": info["train_seconds"],
                     "validation_dice_calibration_seeds": info.get("val_dice", {})},
-    }
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

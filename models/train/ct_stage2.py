@@ -23,9 +23,7 @@ import torch.nn.functional as F
 from models.train.ct_common import CALIB_SEEDS, LESION_CLASSES, STAGE2, TRAIN_SEEDS, sigmoid, window
 from models.train.ct_data import collect, fine_crops, pipeline_noise, thick_slices
 from models.train.ct_export import (
-    CITATION,
-    INTENDED_USE,
-    LICENCE,
+    card_document,
     export_onnx,
     recipe,
     save_checkpoint,
@@ -160,45 +158,39 @@ def calibrate(onnx_path: Path) -> dict[str, float | str]:
 
 
 def card(info: dict, calib: dict) -> dict:
-    return {
-        "schema_version": 1,
-        "role": ROLE,
-        "name": "edgescreen pancreas stage 2: pancreas + lesion segmentation and abnormality (multi-task 3D U-Net)",
-        "version": VERSION,
-        "file": f"{ROLE}.onnx",
-        "inputs": [{"name": "ct", "layout": "NCDHW", "dtype": "float32", "shape": ["N", 1, *STAGE2.size], "channels": ["ct"]}],
-        "outputs": [
-            {"name": "lesion", "kind": "segmentation", "activation": "softmax", "classes": list(LesionNet.SEG_CLASSES)},
-            {"name": "abnormal", "kind": "classification", "activation": "sigmoid", "classes": ["abnormal"]},
-        ],
-        "preprocessing": {
-            "normalization": {"type": "hu_window", "low": STAGE2.hu_low, "high": STAGE2.hu_high},
-            "target_spacing_mm": list(STAGE2.spacing_mm),
-            "orientation": "LPS",
-            "crop_size": list(STAGE2.size),
+    return card_document(
+        ROLE, VERSION, "edgescreen pancreas stage 2: pancreas + lesion segmentation and abnormality (multi-task 3D U-Net)",
+        body={
+            "inputs": [{"name": "ct", "layout": "NCDHW", "dtype": "float32", "shape": ["N", 1, *STAGE2.size], "channels": ["ct"]}],
+            "outputs": [
+                {"name": "lesion", "kind": "segmentation", "activation": "softmax", "classes": list(LesionNet.SEG_CLASSES)},
+                {"name": "abnormal", "kind": "classification", "activation": "sigmoid", "classes": ["abnormal"]},
+            ],
+            "preprocessing": {
+                "normalization": {"type": "hu_window", "low": STAGE2.hu_low, "high": STAGE2.hu_high},
+                "target_spacing_mm": list(STAGE2.spacing_mm),
+                "orientation": "LPS",
+                "crop_size": list(STAGE2.size),
+            },
+            "decision": {
+                "output": "abnormal",
+                "class_name": "abnormal",
+                "threshold": min(1.0, float(np.ceil(calib["threshold"] * 1e6) / 1e6)),  # never below the calibrated value
+                "meaning": (
+                    f"sigmoid(abnormal) >= threshold flags the study as suspicious; set on {int(calib['calibration_normals'])} "
+                    f"calibration normals (seeds {calib['calibration_normal_seeds']}) for {TARGET_SPECIFICITY:.0%} specificity"
+                ),
+            },
         },
-        "decision": {
-            "output": "abnormal",
-            "class_name": "abnormal",
-            "threshold": min(1.0, float(np.ceil(calib["threshold"] * 1e6) / 1e6)),  # never below the calibrated value
-            "meaning": (
-                f"sigmoid(abnormal) >= threshold flags the study as suspicious; set on {int(calib['calibration_normals'])} "
-                f"calibration normals (seeds {calib['calibration_normal_seeds']}) for {TARGET_SPECIFICITY:.0%} specificity"
-            ),
-        },
-        "intended_use": INTENDED_USE,
-        "training_data": (
+        training_data=(
             f"{info['n_studies']} synthetic non-contrast CT phantoms from models.phantom.ct (seeds "
             f"{info['train_seeds'][0]}-{info['train_seeds'][1]}, about 1/3 normal, the rest one lesion of the 8 classes), "
             "crops centred on the true pancreas bounding box. Calibration seeds "
             f"{calib['calibration_normal_seeds']} (normal) and {calib['calibration_lesion_seeds']} (lesions); held-out 200000+."
             + recipe(info["steps"], info["batch"], LR, info["seed"])
         ),
-        "licence": LICENCE,
-        "citation": CITATION,
-        "not_for_clinical_use": True,
-        "metrics": {"params": float(info["params"]), "train_seconds": info["train_seconds"], **calib},
-    }
+        metrics={"params": float(info["params"]), "train_seconds": info["train_seconds"], **calib},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,9 +20,7 @@ import torch.nn.functional as F
 from models.train.ct_common import CALIB_SEEDS, LESION_CLASSES, STAGE3, TRAIN_SEEDS, softmax, window
 from models.train.ct_data import collect, fine_crops, pipeline_noise, thick_slices, training_lesion
 from models.train.ct_export import (
-    CITATION,
-    INTENDED_USE,
-    LICENCE,
+    card_document,
     export_onnx,
     recipe,
     save_checkpoint,
@@ -109,34 +107,28 @@ def validate(onnx_path: Path) -> dict[str, float | str]:
 
 
 def card(info: dict, val: dict) -> dict:
-    return {
-        "schema_version": 1,
-        "role": ROLE,
-        "name": "edgescreen pancreas stage 3: lesion subtype classifier (3D CNN)",
-        "version": VERSION,
-        "file": f"{ROLE}.onnx",
-        "inputs": [{"name": "ct_lesion", "layout": "NCDHW", "dtype": "float32", "shape": ["N", 2, *STAGE3.size],
-                    "channels": ["ct", "lesion_mask"]}],
-        "outputs": [{"name": "subtype", "kind": "classification", "activation": "softmax", "classes": list(LESION_CLASSES)}],
-        "preprocessing": {
-            "normalization": {"type": "hu_window", "low": STAGE3.hu_low, "high": STAGE3.hu_high},
-            "target_spacing_mm": list(STAGE3.spacing_mm),
-            "orientation": "LPS",
-            "crop_size": list(STAGE3.size),
+    return card_document(
+        ROLE, VERSION, "edgescreen pancreas stage 3: lesion subtype classifier (3D CNN)",
+        body={
+            "inputs": [{"name": "ct_lesion", "layout": "NCDHW", "dtype": "float32", "shape": ["N", 2, *STAGE3.size],
+                        "channels": ["ct", "lesion_mask"]}],
+            "outputs": [{"name": "subtype", "kind": "classification", "activation": "softmax", "classes": list(LESION_CLASSES)}],
+            "preprocessing": {
+                "normalization": {"type": "hu_window", "low": STAGE3.hu_low, "high": STAGE3.hu_high},
+                "target_spacing_mm": list(STAGE3.spacing_mm),
+                "orientation": "LPS",
+                "crop_size": list(STAGE3.size),
+            },
         },
-        "intended_use": INTENDED_USE,
-        "training_data": (
+        training_data=(
             f"{info['n_studies']} synthetic non-contrast CT phantoms with one lesion each from models.phantom.ct (lesion "
             f"seeds within {info['train_seeds'][0]}-{info['train_seeds'][1]}, per class {info['per_class']} in the order "
             f"{list(LESION_CLASSES)}), crops centred on the true lesion bounding box, true lesion mask as channel 2. "
             f"Calibration seeds {val['calibration_lesion_seeds']}; held-out 200000+."
             + recipe(info["steps"], info["batch"], LR, info["seed"])
         ),
-        "licence": LICENCE,
-        "citation": CITATION,
-        "not_for_clinical_use": True,
-        "metrics": {"params": float(info["params"]), "train_seconds": info["train_seconds"], **val},
-    }
+        metrics={"params": float(info["params"]), "train_seconds": info["train_seconds"], **val},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
