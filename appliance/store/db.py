@@ -143,7 +143,14 @@ class Store:
                                (ts if ts is not None else time.time(), kind, source, state, detail))
             return int(cur.lastrowid)
 
-    def audit(self, actor: str, action: str, target: str | None = None, detail: str | None = None) -> None:
-        with self.transaction() as conn:
-            conn.execute("INSERT INTO audit (ts, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
-                         (time.time(), actor, action, target, detail))
+    def audit(self, actor: str, action: str, target: str | None = None, detail: str | None = None, *,
+              conn: sqlite3.Connection | None = None) -> None:
+        """The one way anything is audited. Pass `conn` to record it inside a transaction already open, so the
+        change and its audit row commit together or not at all."""
+        sql = "INSERT INTO audit (ts, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)"
+        params = (time.time(), actor, action, target, detail)
+        if conn is not None:
+            conn.execute(sql, params)
+            return
+        with self.transaction() as own:
+            own.execute(sql, params)

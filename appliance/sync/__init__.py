@@ -1,0 +1,1 @@
+"""Results leaving the box: what a finished job puts in the outbox, and the transports that deliver it."""
