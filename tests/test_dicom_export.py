@@ -81,10 +81,12 @@ def test_failures_are_recorded_retried_with_backoff_then_sent(tmp_path: Path) ->
     assert export_pending(store, down, now=now) == {"sent": 0, "failed": 1, "gave_up": 0}
     row = store.query_one("SELECT * FROM outbox WHERE id = ?", (oid,))
     assert row["attempts"] == 1 and "association to NOPACS@127.0.0.1" in row["last_error"]
-    assert row["next_attempt_at"] >= now + 59, "the first retry waits retry_base_s"
+    # exponential backoff with equal jitter: attempt n waits between half and all of base * 2**(n-1)
+    assert now + 30 <= row["next_attempt_at"] <= now + 60, "the first retry waits retry_base_s, jittered"
     assert export_pending(store, down, now=now + 1) == {"sent": 0, "failed": 0, "gave_up": 0}  # not due yet
     assert export_pending(store, down, now=now + 61)["failed"] == 1
-    assert store.query_one("SELECT next_attempt_at FROM outbox")[0] >= now + 61 + 119, "then twice as long"
+    assert now + 61 + 60 <= store.query_one("SELECT next_attempt_at FROM outbox")[0] <= now + 61 + 120, \
+        "then twice as long"
     with orthanc(tmp_path) as pacs:  # the PACS is back (here: the right address) before retries run out
         up = Pacs(ae_title=pacs.aet, host=pacs.host, port=pacs.dicom_port, retries=2)
         assert export_pending(store, up, now=now + 1000)["sent"] == 1

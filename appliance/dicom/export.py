@@ -1,30 +1,34 @@
 """Result export to the clinic's PACS: C-STORE SCU and/or DICOMweb STOW-RS, through the outbox.
 
-`queue_export(store, files, study_uid)` records one outbox row (kind "pacs") in one transaction, so a
-result is never lost between "analysis done" and "PACS has it". `export_pending(store, config)` sends
-whatever is due, one association (or one STOW-RS request) per row; a failure is recorded in
-`last_error` and retried with exponential backoff (retry_base_s * 2**(attempt-1), capped), up to
-`pacs.retries` times. Rows are claimed with a guarded UPDATE first, so the DICOM service's loop and
-a technician's `edgescreen dicom --export-pending` never send the same row at once.
+A finished job's PACS item is written with its result (appliance.sync.enqueue, appliance.store.jobs.finish);
+`queue_export(store, files, study_uid)` queues files by hand (idempotent per study and file set).
+`export_pending(store, config)` sends whatever is due, one association (or one STOW-RS request) per row,
+claimed under a lease through appliance.store.outbox (the one guarded function for outbox changes), so the
+DICOM service's loop, the sync service and a technician's `edgescreen dicom --export-pending` never send a
+row at once. A failure is recorded in `last_error` and retried with exponential backoff and jitter
+(appliance.scheduler.retry.delay on retry_base_s / retry_max_s) up to `pacs.retries` times; then the row
+is failed for a technician (`edgescreen outbox retry ID`).
 
-STOW-RS uses urllib only (multipart/related; type="application/dicom", PS3.18 10.5): no new dependency.
+STOW-RS goes through dicomweb-client (a requests session: basic or bearer authentication from files,
+certificates always verified, optionally against a pinned CA bundle).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from appliance.config.site import Pacs, SiteConfig
+from appliance.config.site import Pacs, RetryPolicy, SiteConfig
 from appliance.logs import get_logger
-from appliance.store import Store
+from appliance.store import Store, outbox
+from appliance.store.outbox import OutboxItem
 
 log = get_logger(__name__)
 
@@ -47,15 +51,11 @@ def queue_export(store: Store, files: Sequence[Path | str], study_uid: str) -> i
         except ValueError:
             rel.append(str(p.resolve()))
     key = f"{KIND}:" + hashlib.sha1("\n".join([study_uid, *sorted(rel)]).encode()).hexdigest()
-    payload = json.dumps({"study_uid": study_uid, "files": rel, "done": []})
     with store.transaction() as conn:
-        row = conn.execute("SELECT id FROM outbox WHERE idempotency_key = ?", (key,)).fetchone()
-        if row is not None:
-            return int(row["id"])
-        cur = conn.execute("INSERT INTO outbox (kind, idempotency_key, payload, created_at, next_attempt_at) "
-                           "VALUES (?, ?, ?, ?, 0)", (KIND, key, payload, time.time()))
-        log.info("result export queued", study=study_uid, outbox=cur.lastrowid, files=len(rel))
-        return int(cur.lastrowid)
+        (item_id,) = outbox.add_items(conn, [OutboxItem(KIND, key, {"study_uid": study_uid, "files": rel,
+                                                                    "done": []})])
+    log.info("result export queued", study=study_uid, outbox=item_id, files=len(rel))
+    return item_id
 
 
 def _pacs(config: SiteConfig | Pacs | None) -> Pacs | None:
@@ -69,7 +69,7 @@ def _transports(pacs: Pacs) -> list[str]:
 
 
 def export_pending(store: Store, config: SiteConfig | Pacs | None, *, now: float | None = None,
-                   calling_ae: str | None = None) -> dict[str, int]:
+                   calling_ae: str | None = None, owner: str | None = None) -> dict[str, int]:
     """Send every due "pacs" outbox row once; return counts of sent, failed (will retry) and given up."""
     pacs = _pacs(config)
     counts = {"sent": 0, "failed": 0, "gave_up": 0}
@@ -77,19 +77,19 @@ def export_pending(store: Store, config: SiteConfig | Pacs | None, *, now: float
         return counts
     if calling_ae is None:
         calling_ae = config.dicom.ae_title if isinstance(config, SiteConfig) else "EDGESCREEN"
+    owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     now = time.time() if now is None else now
-    due = store.query("SELECT * FROM outbox WHERE kind = ? AND sent_at IS NULL AND attempts <= ? "
-                      "AND next_attempt_at <= ? ORDER BY id", (KIND, pacs.retries, now))
-    for row in due:
-        with store.transaction() as conn:  # claim it
-            claimed = conn.execute("UPDATE outbox SET next_attempt_at = ? WHERE id = ? AND next_attempt_at <= ? "
-                                   "AND sent_at IS NULL", (now + CLAIM_S, row["id"], now)).rowcount == 1
-        if claimed:
-            counts[_send_row(store, pacs, dict(row), calling_ae, now)] += 1
-    return counts
+    while True:
+        rows = outbox.claim(store, owner, CLAIM_S, kinds=(KIND,), now=now, limit=10)
+        if not rows:
+            return counts
+        for row in rows:
+            counts[_send_row(store, pacs, row, calling_ae, now, owner)] += 1
 
 
-def _send_row(store: Store, pacs: Pacs, row: dict, calling_ae: str, now: float) -> str:
+def _send_row(store: Store, pacs: Pacs, row: dict, calling_ae: str, now: float, owner: str) -> str:
+    from appliance.scheduler.retry import delay
+
     payload = json.loads(row["payload"])
     study = payload.get("study_uid")
     paths = [Path(f) if Path(f).is_absolute() else store.data_dir / f for f in payload["files"]]
@@ -109,21 +109,22 @@ def _send_row(store: Store, pacs: Pacs, row: dict, calling_ae: str, now: float) 
             break
     payload["done"] = done
     attempts = row["attempts"] + 1
-    with store.transaction() as conn:
-        if error is None:
-            conn.execute("UPDATE outbox SET sent_at = ?, attempts = ?, payload = ?, last_error = NULL WHERE id = ?",
-                         (now, attempts, json.dumps(payload), row["id"]))
-            log.info("results exported to PACS", study=study, outbox=row["id"], via=",".join(done), files=len(paths))
-            return "sent"
-        delay = min(pacs.retry_base_s * 2 ** (attempts - 1), pacs.retry_max_s)
-        conn.execute("UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ?, payload = ? WHERE id = ?",
-                     (attempts, now + delay, error, json.dumps(payload), row["id"]))
+    if error is None:
+        outbox.settle(store, row["id"], "sent", owner, sent_at=now, attempts=attempts, payload=json.dumps(payload),
+                      last_error=None)
+        log.info("results exported to PACS", study=study, outbox=row["id"], via=",".join(done), files=len(paths))
+        return "sent"
     if attempts > pacs.retries:
-        log.error("result export given up; fix the PACS settings or the PACS, then re-queue it", study=study,
-                  outbox=row["id"], attempts=attempts, error=error)
+        outbox.settle(store, row["id"], "give_up", owner, attempts=attempts, last_error=error,
+                      payload=json.dumps(payload))
+        log.error("result export given up; fix the PACS settings or the PACS, then `edgescreen outbox retry "
+                  f"{row['id']}`", study=study, outbox=row["id"], attempts=attempts, error=error)
         return "gave_up"
+    wait = delay(RetryPolicy(retries=pacs.retries, base_s=pacs.retry_base_s, max_s=pacs.retry_max_s), attempts)
+    outbox.settle(store, row["id"], "defer", owner, attempts=attempts, next_attempt_at=now + wait, last_error=error,
+                  payload=json.dumps(payload))
     log.warning("result export failed; will retry", study=study, outbox=row["id"], attempts=attempts,
-                retry_in_s=round(delay, 1), error=error)
+                retry_in_s=round(wait, 1), error=error)
     return "failed"
 
 
@@ -161,30 +162,63 @@ def send_c_store(paths: Sequence[Path], pacs: Pacs, calling_ae: str) -> None:
 
 
 # -- STOW-RS -----------------------------------------------------------------------------------------
-def send_stow(paths: Sequence[Path], pacs: Pacs) -> None:
-    """POST the files as multipart/related to {dicomweb_url}/studies; ExportError on any refusal."""
-    assert pacs.dicomweb_url
-    boundary = uuid.uuid4().hex
-    parts: list[bytes] = []
-    for p in paths:
-        parts += [f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(), Path(p).read_bytes(), b"\r\n"]
-    parts.append(f"--{boundary}--\r\n".encode())
-    url = pacs.dicomweb_url.rstrip("/") + "/studies"
-    req = urllib.request.Request(url, data=b"".join(parts), method="POST", headers={
-        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-        "Accept": "application/dicom+json"})
+def _read_secret(path: str, what: str) -> str:
     try:
-        with urllib.request.urlopen(req, timeout=pacs.timeout_s) as resp:
-            status, body = resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        status, body = exc.code, exc.read()
-    except urllib.error.URLError as exc:
-        raise ExportError(f"STOW-RS to {url}: {exc.reason}") from None
-    failed = _failed_sops(body)
-    if status == 200 and not failed:
-        return
-    detail = f"{len(failed)} instance(s) refused, e.g. {failed[0]}" if failed else body[:200].decode(errors="replace")
-    raise ExportError(f"STOW-RS to {url}: HTTP {status}: {detail}")
+        value = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ExportError(f"{what} {path}: cannot read ({exc.strerror})") from None
+    if not value:
+        raise ExportError(f"{what} {path} is empty")
+    return value
+
+
+def stow_client(pacs: Pacs):  # noqa: ANN201 - dicomweb_client.DICOMwebClient, imported lazily
+    """A DICOMweb client for the PACS: our retries (the outbox), our timeout, verified TLS, the site's auth."""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    assert pacs.dicomweb_url
+    session = requests.Session()
+    session.trust_env = False  # an environment proxy must not reroute patient data
+    session.verify = pacs.dicomweb_ca_file or True
+    if pacs.dicomweb_username and pacs.dicomweb_password_file:
+        session.auth = (pacs.dicomweb_username, _read_secret(pacs.dicomweb_password_file, "dicomweb_password_file"))
+    if pacs.dicomweb_token_file:
+        session.headers["Authorization"] = "Bearer " + _read_secret(pacs.dicomweb_token_file, "dicomweb_token_file")
+    client = DICOMwebClient(url=pacs.dicomweb_url, session=session, timeout=pacs.timeout_s)
+    client.set_http_retry_params(retry=False)
+    return client
+
+
+def send_stow(paths: Sequence[Path], pacs: Pacs) -> None:
+    """STOW-RS the files to {dicomweb_url}/studies in one request; ExportError on any refusal."""
+    import pydicom
+    import requests
+    from pydicom.errors import InvalidDicomError
+
+    url = pacs.dicomweb_url.rstrip("/") + "/studies" if pacs.dicomweb_url else "?"
+    try:
+        datasets = [pydicom.dcmread(p) for p in paths]
+    except (InvalidDicomError, ValueError, EOFError) as exc:
+        raise ExportError(f"STOW-RS to {url}: a result file is not DICOM ({exc})") from None
+    try:
+        answer = stow_client(pacs).store_instances(datasets)
+    except requests.HTTPError as exc:
+        resp = exc.response
+        body = resp.content if resp is not None else b""
+        failed = _failed_sops(body)
+        detail = (f"{len(failed)} instance(s) refused, e.g. {failed[0]}" if failed
+                  else body[:200].decode(errors="replace"))
+        raise ExportError(f"STOW-RS to {url}: HTTP {resp.status_code if resp is not None else '?'}: {detail}") from None
+    except requests.exceptions.SSLError as exc:
+        raise ExportError(f"STOW-RS to {url}: TLS verification failed ({exc}); check dicomweb_ca_file") from None
+    except requests.RequestException as exc:
+        raise ExportError(f"STOW-RS to {url}: {type(exc).__name__}: {str(exc)[:200]}") from None
+    except ValueError as exc:  # an answer of an unexpected media type
+        raise ExportError(f"STOW-RS to {url}: unreadable answer ({exc})") from None
+    failed = [str(item.get("ReferencedSOPInstanceUID", "?")) for item in answer.get("FailedSOPSequence", [])]
+    if failed:
+        raise ExportError(f"STOW-RS to {url}: {len(failed)} instance(s) refused, e.g. {failed[0]}")
 
 
 def _failed_sops(body: bytes) -> list[str]:

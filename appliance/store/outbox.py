@@ -2,6 +2,26 @@
 
 Rows are added inside the transaction that makes them due (a job's result and `done`), so a crash can
 neither lose nor double them: the idempotency key is UNIQUE and a second insert of the same key is a no-op.
+
+Every later change of a row goes through `change`, one guarded UPDATE per action (the same shape as the
+job state machine):
+
+    claim      pending (due) / sending (lease expired)  -> sending   a sender takes it under a lease
+    progress   sending (lease holder)                    -> sending   renew the lease, record upload progress
+    sent       sending (lease holder)                    -> sent
+    defer      sending (lease holder)                    -> pending   failed for now; next_attempt_at = backoff
+    give_up    sending (lease holder)                    -> failed    permanent refusal or retries exhausted
+    reclaim    sending (a dead sender's lease)           -> pending   its process is gone (same host): no wait
+    retry      failed / pending                          -> pending   a technician: try again now (audited)
+    expedite   pending                                   -> pending   `sync --once`: due now, backoff skipped
+    supersede  pending                                   -> superseded  a newer heartbeat replaces an unsent one
+
+A sender that dies keeps its lease until it expires; then any sender may claim the row again. Two senders
+can therefore, rarely, both send one item (the first one stalled past its lease): the receiver's UNIQUE
+idempotency key turns the second delivery into a no-op, so the cloud still holds it exactly once.
+
+Rows of one `group_key` (one study's cloud items) are claimed in id order: a later item is not claimed
+while an earlier one of its group is not yet sent.
 """
 
 from __future__ import annotations
@@ -9,18 +29,54 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from appliance.store.db import Store
+
+STATES = ("pending", "sending", "sent", "failed", "superseded")
 
 
 @dataclass(frozen=True)
 class OutboxItem:
-    """One thing to deliver. `kind` names the destination and type (for example "pacs", "cloud.finding")."""
+    """One thing to deliver. `kind` names the destination and type (for example "pacs", "cloud.finding").
+
+    `group_key` orders items: rows sharing it are delivered in the order they were added.
+    """
 
     kind: str
     idempotency_key: str
     payload: dict[str, Any] = field(default_factory=dict)
+    group_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Action:
+    from_states: tuple[str, ...]
+    to: str
+    lease_holder: bool = False
+
+
+ACTIONS: dict[str, Action] = {
+    "claim": Action(("pending", "sending"), "sending"),
+    "progress": Action(("sending",), "sending", lease_holder=True),
+    "sent": Action(("sending",), "sent", lease_holder=True),
+    "defer": Action(("sending",), "pending", lease_holder=True),
+    "give_up": Action(("sending",), "failed", lease_holder=True),
+    "reclaim": Action(("sending",), "pending", lease_holder=True),  # owner = the dead holder
+    "retry": Action(("failed", "pending"), "pending"),
+    "supersede": Action(("pending",), "superseded"),
+    "expedite": Action(("pending",), "pending"),
+}
+
+# columns an action may set besides state and updated_at (interpolated into SQL: never user input)
+_WRITABLE = frozenset({"attempts", "next_attempt_at", "sent_at", "last_error", "lease_owner", "lease_expires",
+                       "progress", "payload"})
+
+
+class OutboxError(RuntimeError):
+    """A change the outbox forbids: unknown row, wrong state, or another sender holds the lease."""
 
 
 def add_items(conn: sqlite3.Connection, items: Iterable[OutboxItem], *, now: float | None = None) -> list[int]:
@@ -31,8 +87,126 @@ def add_items(conn: sqlite3.Connection, items: Iterable[OutboxItem], *, now: flo
     now = time.time() if now is None else now
     ids: list[int] = []
     for item in items:
-        conn.execute("INSERT OR IGNORE INTO outbox (kind, idempotency_key, payload, created_at, next_attempt_at) "
-                     "VALUES (?, ?, ?, ?, 0)", (item.kind, item.idempotency_key, json.dumps(item.payload), now))
+        conn.execute("INSERT OR IGNORE INTO outbox (kind, idempotency_key, payload, created_at, next_attempt_at, "
+                     "state, group_key, updated_at) VALUES (?, ?, ?, ?, 0, 'pending', ?, ?)",
+                     (item.kind, item.idempotency_key, json.dumps(item.payload), now, item.group_key, now))
         ids.append(int(conn.execute("SELECT id FROM outbox WHERE idempotency_key = ?",
                                     (item.idempotency_key,)).fetchone()[0]))
     return ids
+
+
+def change(conn: sqlite3.Connection, item_id: int, action: str, *, owner: str | None = None,
+           now: float | None = None, expect_lease: bool = True, **fields: Any) -> bool:
+    """THE way an outbox row changes: one guarded UPDATE in the caller's transaction.
+
+    Returns False when the row is not in a state the action starts from, or (lease-holder actions) another
+    sender holds it now; the caller then drops its work on the row. `claim` of a `sending` row succeeds
+    only once its lease has expired.
+    """
+    spec = ACTIONS.get(action)
+    if spec is None:
+        raise OutboxError(f"unknown outbox action {action!r}; actions are {', '.join(ACTIONS)}")
+    if spec.lease_holder and owner is None:
+        raise OutboxError(f"outbox {item_id}: {action} needs the lease holder")
+    unknown = set(fields) - _WRITABLE
+    if unknown:
+        raise OutboxError(f"outbox {item_id}: {action} cannot set {', '.join(sorted(unknown))}")
+    now = time.time() if now is None else now
+    sets = "".join(f", {k} = :{k}" for k in fields)
+    marks = ", ".join(f":from{i}" for i in range(len(spec.from_states)))
+    sql = f"UPDATE outbox SET state = :to, updated_at = :now{sets} WHERE id = :id AND state IN ({marks})"
+    params: dict[str, Any] = {"to": spec.to, "now": now, "id": item_id, **fields,
+                              **{f"from{i}": s for i, s in enumerate(spec.from_states)}}
+    if action == "claim":
+        sql += " AND (state = 'pending' OR lease_expires IS NULL OR lease_expires < :now)"
+    if spec.lease_holder and expect_lease:
+        sql += " AND lease_owner = :owner"
+        params["owner"] = owner
+    return conn.execute(sql, params).rowcount == 1
+
+
+def claim(store: Store, owner: str, lease_s: float, *, kinds: Sequence[str], now: float | None = None,
+          limit: int = 10, max_attempts: int | None = None, due_by: float | None = None) -> list[dict[str, Any]]:
+    """Take up to `limit` due rows of `kinds` under a lease, oldest first, respecting group order.
+
+    Due: pending and next_attempt_at <= `due_by` (default now), or sending with an expired lease (its
+    sender died). `max_attempts` skips rows that already used up their attempts.
+    """
+    now = time.time() if now is None else now
+    due_by = now if due_by is None else due_by
+    kind_marks = ", ".join("?" * len(kinds))
+    attempts_sql = "" if max_attempts is None else f" AND o.attempts < {int(max_attempts)}"
+    sql = (f"SELECT o.id FROM outbox o WHERE o.kind IN ({kind_marks}) AND ("
+           "(o.state = 'pending' AND o.next_attempt_at <= ?) OR (o.state = 'sending' AND o.lease_expires < ?))"
+           f"{attempts_sql} AND (o.group_key IS NULL OR NOT EXISTS (SELECT 1 FROM outbox p WHERE "
+           "p.group_key = o.group_key AND p.id < o.id AND p.state NOT IN ('sent', 'superseded'))) "
+           "ORDER BY o.next_attempt_at, o.id LIMIT ?")
+    claimed: list[dict[str, Any]] = []
+    with store.transaction() as conn:
+        for row in conn.execute(sql, (*kinds, due_by, now, limit)).fetchall():
+            if change(conn, row["id"], "claim", now=now, lease_owner=owner, lease_expires=now + lease_s):
+                claimed.append(dict(conn.execute("SELECT * FROM outbox WHERE id = ?", (row["id"],)).fetchone()))
+    return claimed
+
+
+def settle(store: Store, item_id: int, action: str, owner: str, **fields: Any) -> bool:
+    """A lease holder's final (or progress) change in its own transaction; False if the lease was lost."""
+    if action in ("sent", "defer", "give_up", "reclaim"):
+        fields.setdefault("lease_owner", None)
+        fields.setdefault("lease_expires", None)
+    with store.transaction() as conn:
+        return change(conn, item_id, action, owner=owner, **fields)
+
+
+def reclaim_dead(store: Store, host: str, alive: Callable[[int], bool]) -> int:
+    """Rows held by a sender on this host whose process is gone go back to pending at once, instead of
+    waiting out the lease (a SIGKILLed sync service restarted by systemd resumes immediately)."""
+    count = 0
+    with store.transaction() as conn:
+        for row in conn.execute("SELECT id, lease_owner FROM outbox WHERE state = 'sending' AND lease_owner LIKE ?",
+                                (f"{host}:%",)).fetchall():
+            try:
+                pid = int(row["lease_owner"].split(":")[1])
+            except (IndexError, ValueError):
+                continue
+            if not alive(pid):
+                count += change(conn, row["id"], "reclaim", owner=row["lease_owner"], lease_owner=None,
+                                lease_expires=None)
+    return count
+
+
+def retry(store: Store, item_id: int, actor: str) -> dict[str, Any]:
+    """A technician's "try again now" for a failed (or waiting) row; audited with their name."""
+    with store.transaction() as conn:
+        row = conn.execute("SELECT state, kind, attempts FROM outbox WHERE id = ?", (item_id,)).fetchone()
+        if row is None:
+            raise OutboxError(f"outbox item {item_id} does not exist (see `edgescreen outbox list`)")
+        if not change(conn, item_id, "retry", attempts=0, next_attempt_at=0, last_error=None):
+            raise OutboxError(f"outbox item {item_id} is {row['state']}; only failed or pending items can be "
+                              "retried")
+        detail = json.dumps({"kind": row["kind"], "from": row["state"], "attempts": row["attempts"]})
+        store.audit(actor, "outbox.retry", str(item_id), detail, conn=conn)
+        return dict(conn.execute("SELECT * FROM outbox WHERE id = ?", (item_id,)).fetchone())
+
+
+def expedite(store: Store, kinds: Sequence[str], *, now: float | None = None) -> int:
+    """Make every pending row of `kinds` due now (a technician's `sync --once`: deliver what is pending)."""
+    now = time.time() if now is None else now
+    marks = ", ".join("?" * len(kinds))
+    with store.transaction() as conn:
+        rows = conn.execute(f"SELECT id FROM outbox WHERE state = 'pending' AND next_attempt_at > ? AND kind IN "
+                            f"({marks})", (now, *kinds)).fetchall()
+        return sum(change(conn, r["id"], "expedite", now=now, next_attempt_at=now) for r in rows)
+
+
+def supersede_pending(conn: sqlite3.Connection, kind: str, *, keep_id: int | None = None) -> int:
+    """Mark unsent rows of `kind` (heartbeats) superseded, except `keep_id`: only the newest is worth sending."""
+    rows = conn.execute("SELECT id FROM outbox WHERE kind = ? AND state = 'pending' AND id IS NOT ?",
+                        (kind, keep_id)).fetchall()
+    return sum(change(conn, r["id"], "supersede") for r in rows)
+
+
+def list_items(store: Store, *, states: Sequence[str] = STATES, limit: int = 200) -> list[dict[str, Any]]:
+    marks = ", ".join("?" * len(states))
+    return [dict(r) for r in store.query(f"SELECT * FROM outbox WHERE state IN ({marks}) ORDER BY id DESC LIMIT ?",
+                                         (*states, limit))]
