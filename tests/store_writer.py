@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 import random
 import sys
-import time
 
 from appliance.store import Store, jobs
 from appliance.store.instances import IncomingInstance, store_instance
+from appliance.store.outbox import OutboxItem
 
 
 def main(data_dir: str, seed: int) -> None:
@@ -29,12 +29,11 @@ def main(data_dir: str, seed: int) -> None:
         store_instance(store, inst, data)
         print(sop, flush=True)
         if n % 20 == 19:
-            job = jobs.enqueue(store, study, series, "pancreas")
-            jobs.transition(store, job, "running", lease_owner="w", lease_expires=time.time() + 60)
-            with store.transaction() as conn:  # result and state change in one transaction
-                conn.execute("INSERT INTO results (job_id, study_uid, triage, findings, created_at) VALUES (?, ?, ?, ?, ?)",
-                             (job, study, "not_suspicious", "{}", time.time()))
-                conn.execute("UPDATE jobs SET state = 'done', finished_at = ? WHERE id = ?", (time.time(), job))
+            jobs.enqueue(store, study, series, "pancreas")
+            job = jobs.claim_next(store, "w", 60)
+            # result, state change and export in one transaction
+            jobs.finish(store, job["id"], "w", triage="not_suspicious", findings_json="{}", output_dir="",
+                        outbox_items=[OutboxItem("pacs", f"pacs:{job['study_uid']}", {"study_uid": job["study_uid"]})])
         store.add_event("scanner", "test", "busy" if n % 2 else "idle")
         n += 1
 

@@ -23,6 +23,7 @@ from pydicom.uid import (
 from tests.test_dicom_support import (
     DCMTK_ENV,
     EDGESCREEN,
+    RECEIVE_PATH,
     REPO,
     SERVICE_ENV,
     dicom_server,
@@ -37,6 +38,18 @@ from tests.test_dicom_support import (
 pytestmark = requires_dcmtk
 
 A700, A900, C000, C001 = 0xA700, 0xA900, 0xC000, 0xC001
+
+
+@pytest.fixture
+def receive_path(request: pytest.FixtureRequest):
+    """The receive tests run on both paths: the fast path (appliance.dicom.fastpath) and pynetdicom's stock
+    acceptor, which the service falls back to for a pynetdicom release the fast path was not checked with."""
+    RECEIVE_PATH["value"] = request.param
+    yield request.param
+    RECEIVE_PATH["value"] = "fast"
+
+
+both_paths = pytest.mark.parametrize("receive_path", ["fast", "stock"], indirect=True)
 
 
 def cli_json(data_dir: Path, *args: str) -> object:
@@ -86,7 +99,8 @@ def test_300_slice_phantom_received_whole_then_queued_for_pancreas(ct300: Path, 
 
 @pytest.mark.parametrize(("syntax", "propose"), [(RLELossless, "-xr"), (JPEG2000Lossless, "-xv"),
                                                 (JPEGLSLossless, "-xt")], ids=["rle", "j2k", "jpegls"])
-def test_compressed_series_is_stored_as_sent_and_decodes(syntax: str, propose: str, tmp_path: Path) -> None:
+@both_paths
+def test_compressed_series_is_stored_as_sent_and_decodes(syntax: str, propose: str, tmp_path: Path, receive_path: str) -> None:
     plain = write_ct_series(tmp_path / "plain", 4, size=128)
     sent = tmp_path / "sent"
     sent.mkdir()
@@ -177,7 +191,8 @@ def _malformed(tmp_path: Path, good_series: Path) -> dict[str, tuple[Path, int]]
     return cases
 
 
-def test_malformed_instances_quarantined_while_good_series_arrive_in_parallel(tmp_path: Path) -> None:
+@both_paths
+def test_malformed_instances_quarantined_while_good_series_arrive_in_parallel(tmp_path: Path, receive_path: str) -> None:
     good_a = write_ct_series(tmp_path / "good_a", 40, size=128)
     good_b = write_ct_series(tmp_path / "good_b", 40, size=128)
     cases = _malformed(tmp_path, good_a[0])
@@ -220,7 +235,8 @@ def test_malformed_instances_quarantined_while_good_series_arrive_in_parallel(tm
         assert echo(srv.port).returncode == 0, "the service must still answer after all of that"
 
 
-def test_calling_ae_allow_list(tmp_path: Path) -> None:
+@both_paths
+def test_calling_ae_allow_list(tmp_path: Path, receive_path: str) -> None:
     config = ('[dicom]\n[[dicom.allowed]]\nae_title = "SCANNER1"\nhost = "127.0.0.1"\n'
               '[[dicom.allowed]]\nae_title = "CT2"\nhost = "10.9.9.9"\n')
     with dicom_server(tmp_path, config=config, allow_any=False) as srv:
@@ -235,7 +251,8 @@ def test_calling_ae_allow_list(tmp_path: Path) -> None:
     assert "association rejected: calling AE not allowed" in srv.log()
 
 
-def test_duplicate_sop_instance_is_idempotent(tmp_path: Path) -> None:
+@both_paths
+def test_duplicate_sop_instance_is_idempotent(tmp_path: Path, receive_path: str) -> None:
     files = write_ct_series(tmp_path / "s", 3)
     with dicom_server(tmp_path) as srv:
         storescu(srv.port, files)
@@ -247,9 +264,11 @@ def test_duplicate_sop_instance_is_idempotent(tmp_path: Path) -> None:
         assert len(rows) == 3
         assert {r["sop_uid"]: (srv.data_dir / r["path"]).read_bytes() for r in rows} == first
     assert "duplicate instance" in srv.log()
+    assert f"receive_path={receive_path}" in srv.log(), "the service must say which receive path it runs"
 
 
-def test_disk_below_threshold_answers_a700_and_says_what_to_do(tmp_path: Path) -> None:
+@both_paths
+def test_disk_below_threshold_answers_a700_and_says_what_to_do(tmp_path: Path, receive_path: str) -> None:
     files = write_ct_series(tmp_path / "s", 2)
     with dicom_server(tmp_path, "--min-free-mb", "100000000") as srv:  # more than any disk has free
         assert send_raw(srv.port, files[0]) == A700
@@ -265,7 +284,8 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
                           capture_output=True).returncode == 0
 
 
-def test_really_full_disk_answers_a700_and_the_service_survives(tmp_path: Path) -> None:
+@both_paths
+def test_really_full_disk_answers_a700_and_the_service_survives(tmp_path: Path, receive_path: str) -> None:
     small = tmp_path / "small"
     if not _mount_tmpfs(small, "2m"):
         pytest.skip("cannot mount a tmpfs here (not root?); the threshold test covers 0xA700")
@@ -285,7 +305,8 @@ def test_really_full_disk_answers_a700_and_the_service_survives(tmp_path: Path) 
             subprocess.run(["umount", "-l", str(small)], capture_output=True)  # never leave a mount behind
 
 
-def test_sigterm_during_a_transfer_stops_cleanly_and_keeps_what_was_acknowledged(tmp_path: Path) -> None:
+@both_paths
+def test_sigterm_during_a_transfer_stops_cleanly_and_keeps_what_was_acknowledged(tmp_path: Path, receive_path: str) -> None:
     files = write_ct_series(tmp_path / "s", 150, size=256)
     data_dir = tmp_path / "data"
     with dicom_server(tmp_path, data_dir=data_dir) as srv:
@@ -304,7 +325,8 @@ def test_sigterm_during_a_transfer_stops_cleanly_and_keeps_what_was_acknowledged
         assert (data_dir / row["path"]).stat().st_size == row["size"]
 
 
-def test_unindexed_files_are_reingested_at_start(tmp_path: Path) -> None:
+@both_paths
+def test_unindexed_files_are_reingested_at_start(tmp_path: Path, receive_path: str) -> None:
     """A power cut after the fsync of a file but before its index row is durable leaves the file alone."""
     files = write_ct_series(tmp_path / "s", 3)
     data_dir = tmp_path / "data"
@@ -315,8 +337,10 @@ def test_unindexed_files_are_reingested_at_start(tmp_path: Path) -> None:
     shutil.copy(files[1], orphan)
     partial = stored.parent / "partial.dcm"
     partial.write_bytes(files[2].read_bytes()[:3000])
-    with dicom_server(tmp_path, data_dir=data_dir):
+    with dicom_server(tmp_path, data_dir=data_dir) as srv:
         store = open_store(data_dir)
+        # recovery runs beside the listening service: it has finished when its log line says so
+        srv.wait_for(lambda: "start-up recovery done" in srv.log(), what="start-up recovery")
         sops = {r["sop_uid"] for r in store.query("SELECT sop_uid FROM instances")}
         assert pydicom.dcmread(files[1]).SOPInstanceUID in sops and len(sops) == 2
         q = store.query("SELECT reason FROM quarantine")
@@ -324,7 +348,8 @@ def test_unindexed_files_are_reingested_at_start(tmp_path: Path) -> None:
         assert not partial.exists()
 
 
-def test_mammography_phantom_exam_becomes_one_mammo_job(tmp_path: Path) -> None:
+@both_paths
+def test_mammography_phantom_exam_becomes_one_mammo_job(tmp_path: Path, receive_path: str) -> None:
     from models.phantom.mg import write_mg_exam
 
     write_mg_exam(tmp_path / "mg", seed=5, finding="malignant")
@@ -336,6 +361,14 @@ def test_mammography_phantom_exam_becomes_one_mammo_job(tmp_path: Path) -> None:
         assert (series["modality"], series["instances"], series["state"], series["pipeline"]) == ("MG", 4, "queued",
                                                                                                   "mammo")
         assert [j["pipeline"] for j in store.query("SELECT pipeline FROM jobs")] == ["mammo"]
+
+
+def test_fast_path_is_pinned_to_exact_pynetdicom_releases() -> None:
+    from appliance.dicom import fastpath
+
+    assert fastpath.available("3.0.4")
+    for version in ("3.0.5", "3.0.40", "3.1.0", "3.0.4.post1", "2.0.2"):
+        assert not fastpath.available(version), version
 
 
 def test_stock_pynetdicom_path_still_works(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -96,36 +96,49 @@ class DicomServer:
         raise AssertionError(f"timed out waiting for {what}; service log:\n{self.log()[-4000:]}")
 
 
-@contextlib.contextmanager
-def dicom_server(tmp_path: Path, *args: str, config: str | None = None, data_dir: Path | None = None,
-                 allow_any: bool = True, stable_after: float = 1.0) -> Iterator[DicomServer]:
-    """Run `edgescreen dicom` as a subprocess for the block; assert it stops cleanly (exit 0) on SIGTERM."""
+# The receive path dicom_server starts the service with ("fast" or "stock"): the receive tests run on both
+# (tests/test_dicom_service.py switches it per test through its `receive_path` fixture).
+RECEIVE_PATH = {"value": "fast"}
+
+
+def start_dicom(tmp_path: Path, *args: str, config: str | None = None, data_dir: Path | None = None,
+                allow_any: bool = True, stable_after: float = 1.0, port: int | None = None) -> DicomServer:
+    """Start `edgescreen dicom` as a subprocess and wait until it answers C-ECHO (the crash drills kill it)."""
     data_dir = data_dir or tmp_path / "data"
-    port = free_port()
+    port = port or free_port()
     cmd = list(EDGESCREEN)
     if config is not None:
         cfg = tmp_path / f"site-{port}.toml"
         cfg.write_text(config)
         cmd += ["--config", str(cfg)]
     cmd += ["--data-dir", str(data_dir), "dicom", "--port", str(port), "--ae-title", "EDGE",
-            "--stable-after", str(stable_after), *args]
+            "--stable-after", str(stable_after), "--receive-path", RECEIVE_PATH["value"], *args]
     if allow_any:
         cmd.append("--allow-any-ae")
-    log_path = tmp_path / f"dicom-{port}.log"
+    log_path = tmp_path / f"dicom-{port}-{time.monotonic_ns()}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=SERVICE_ENV, cwd=REPO)
     server = DicomServer(port, data_dir, log_path, proc)
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"edgescreen dicom exited {proc.returncode} at start:\n{server.log()}")
+        probe = echo(port)
+        if probe.returncode == 0 or "Rejected" in probe.stdout + probe.stderr:  # up (and maybe strict)
+            return server
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"edgescreen dicom did not listen within 60 s:\n{server.log()}")
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def dicom_server(tmp_path: Path, *args: str, config: str | None = None, data_dir: Path | None = None,
+                 allow_any: bool = True, stable_after: float = 1.0) -> Iterator[DicomServer]:
+    """Run `edgescreen dicom` as a subprocess for the block; assert it stops cleanly (exit 0) on SIGTERM."""
+    server = start_dicom(tmp_path, *args, config=config, data_dir=data_dir, allow_any=allow_any,
+                         stable_after=stable_after)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"edgescreen dicom exited {proc.returncode} at start:\n{server.log()}")
-            probe = echo(port)
-            if probe.returncode == 0 or "Rejected" in probe.stdout + probe.stderr:  # up (and maybe strict)
-                break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"edgescreen dicom did not listen within 60 s:\n{server.log()}")
-            time.sleep(0.1)
         yield server
     finally:
         rc = server.stop()

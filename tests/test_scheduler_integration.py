@@ -135,20 +135,21 @@ def test_battery_and_low_battery_keep_work_waiting_with_reasons(tmp_path: Path) 
     with nut_ups(tmp_path, sequence) as ups:
         config, config_text = _config(tmp_path, ups.host, ups.port, ups.ups)
         data_dir = tmp_path / "data"
+        # the DICOM service keeps running: without its heartbeat the scanner's state would be unknown
         with dicom_server(tmp_path, config=config_text, data_dir=data_dir) as server:
             storescu(server.port, sorted(exam.glob("*.dcm")))
             store = open_store(data_dir)
             server.wait_for(lambda: store.query_one("SELECT id FROM jobs"), 60, "a job")
-        log = tmp_path / "worker.log"
-        worker = _worker(config, data_dir, log)
-        try:
-            reason = lambda: store.query_one("SELECT waiting_reason FROM jobs")[0] or ""  # noqa: E731
-            _wait(lambda: "on battery, 30% < 40%" in reason(), 60, "the battery reason", log)
-            _wait(lambda: "UPS low battery" in reason(), 60, "the low-battery reason", log)
-            assert store.query_one("SELECT state FROM jobs")[0] == "queued"
-            assert not store.query("SELECT 1 FROM events WHERE kind = 'job' AND state = 'started'")
-            power = [r[0] for r in store.query("SELECT state FROM events WHERE kind = 'power' ORDER BY id")]
-            assert power[:2] == ["battery", "battery-low"], power
-        finally:
-            worker.send_signal(signal.SIGTERM)
-            assert worker.wait(timeout=60) == 0
+            log = tmp_path / "worker.log"
+            worker = _worker(config, data_dir, log)
+            try:
+                reason = lambda: store.query_one("SELECT waiting_reason FROM jobs")[0] or ""  # noqa: E731
+                _wait(lambda: "on battery, 30% < 40%" in reason(), 60, "the battery reason", log)
+                _wait(lambda: "UPS low battery" in reason(), 60, "the low-battery reason", log)
+                assert store.query_one("SELECT state FROM jobs")[0] == "queued"
+                assert not store.query("SELECT 1 FROM events WHERE kind = 'job' AND state = 'started'")
+                power = [r[0] for r in store.query("SELECT state FROM events WHERE kind = 'power' ORDER BY id")]
+                assert power[:2] == ["battery", "battery-low"], power
+            finally:
+                worker.send_signal(signal.SIGTERM)
+                assert worker.wait(timeout=60) == 0

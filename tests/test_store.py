@@ -64,12 +64,20 @@ def test_job_state_machine(data_dir: Path) -> None:
     job = jobs.enqueue(store, "1", "1.5", "pancreas")
     assert jobs.enqueue(store, "1", "1.5", "pancreas") == job
     with pytest.raises(InvalidTransition, match="cannot go queued -> done"):
-        jobs.transition(store, job, "done")
-    jobs.transition(store, job, "running", lease_owner="w1")
+        jobs.transition(store, job, "finish", actor="w1", owner="w1")
+    with pytest.raises(InvalidTransition, match="needs the lease holder"):
+        jobs.transition(store, job, "finish", actor="w1")
+    assert jobs.claim_next(store, "w1", 60)["lease_owner"] == "w1"
     with pytest.raises(InvalidTransition, match="lease held by w1"):
-        jobs.transition(store, job, "done", owner="w2")
-    jobs.transition(store, job, "done", owner="w1")
+        jobs.transition(store, job, "finish", actor="w2", owner="w2")
+    with pytest.raises(InvalidTransition, match="cannot set bogus"):
+        jobs.transition(store, job, "finish", actor="w1", owner="w1", bogus=1)
+    jobs.transition(store, job, "finish", actor="w1", owner="w1")
     assert jobs.get(store, job)["state"] == "done"
+    # every change is audited with who did it, in the same transaction
+    audit = [(r["actor"], r["action"]) for r in store.query("SELECT * FROM audit WHERE target = ? ORDER BY id",
+                                                            (str(job),))]
+    assert audit == [("dicom", "job.create"), ("w1", "job.claim"), ("w1", "job.finish")]
     with pytest.raises(sqlite3.IntegrityError), store.transaction() as conn:
         conn.execute("UPDATE jobs SET state = 'bogus' WHERE id = ?", (job,))
 
@@ -98,6 +106,9 @@ def _check_consistent(data_dir: Path, acknowledged: list[str]) -> None:
                            "WHERE s.series_uid IS NULL")[0] == 0
     assert store.query_one("SELECT COUNT(*) FROM jobs j LEFT JOIN results r ON r.job_id = j.id "
                            "WHERE (j.state = 'done') != (r.id IS NOT NULL)")[0] == 0
+    # ... and exactly one export row, written in the same transaction as its result
+    assert store.query_one("SELECT COUNT(*) FROM jobs j WHERE (j.state = 'done') != ((SELECT COUNT(*) FROM outbox o "
+                           "WHERE o.idempotency_key = 'pacs:' || j.study_uid) = 1)")[0] == 0
     store.close()
 
 

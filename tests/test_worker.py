@@ -16,12 +16,15 @@ from tests.test_dicom_support import SERVICE_ENV, dicom_server, open_store, requ
 
 pytestmark = requires_dcmtk
 
+# the DICOM service is stopped before the workers run: its signals are stale, and these tests let the
+# fail-safe run (test_dicom_heartbeat.py covers the fail-safe that waits)
 FAST_CONFIG = """
 [scheduler]
 idle_grace_s = 0
 store_quiet_s = 0
 lease_s = 2
 max_crashes = 50
+failsafe = "idle"
 """
 
 
@@ -48,7 +51,8 @@ def test_sigkilled_workers_lose_no_job_and_write_no_duplicate(tmp_path: Path) ->
     data_dir = tmp_path / "data"
     n = _receive_mammo_exams(tmp_path, data_dir, [11, 12, 13])
     config = tmp_path / "site.toml"
-    config.write_text(FAST_CONFIG)
+    # a PACS to export to (nothing listens there: the rows only have to be written, with the result)
+    config.write_text(FAST_CONFIG + '[dicom.pacs]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 4242\n')
     rng = random.Random(5)
     store = open_store(data_dir)
     kills = 0
@@ -69,11 +73,14 @@ def test_sigkilled_workers_lose_no_job_and_write_no_duplicate(tmp_path: Path) ->
     assert all(r["results"] == 1 for r in rows)
     for r in rows:
         findings = json.loads((Path(r["out"]) / "findings.json").read_text())
-        assert findings["pipeline"] == "mammo" and findings["triage"] in ("suspicious", "not_suspicious")
+        assert findings["pipeline"] == "mammo" and findings["triage"] in ("suspicious", "not_suspicious", "indeterminate")
     assert not list((data_dir / "work").glob("job-*/out-*")), "an abandoned attempt's outputs were left behind"
     events = [e["state"] for e in store.query("SELECT state FROM events WHERE kind = 'job'")]
     assert events.count("done") == n
     assert kills >= 1
+    # every finished job's export was queued with its result, exactly once, whatever moment the kills hit
+    exports = [json.loads(r["payload"])["study_uid"] for r in store.query("SELECT payload FROM outbox WHERE kind = 'pacs'")]
+    assert sorted(exports) == sorted(r["study_uid"] for r in store.query("SELECT study_uid FROM jobs"))
 
 
 def test_busy_scanner_keeps_jobs_waiting_with_the_reason(tmp_path: Path) -> None:
@@ -101,8 +108,11 @@ def test_busy_scanner_keeps_jobs_waiting_with_the_reason(tmp_path: Path) -> None
         while time.monotonic() < deadline and store.query_one("SELECT state FROM jobs")[0] != "done":
             time.sleep(0.5)
         assert store.query_one("SELECT state FROM jobs")[0] == "done"
-        audit = [tuple(r) for r in store.query("SELECT action, target FROM audit ORDER BY id")]
+        audit = [tuple(r) for r in store.query("SELECT action, target FROM audit WHERE action LIKE 'scanner.%' "
+                                               "ORDER BY id")]
         assert audit == [("scanner.manual", "busy"), ("scanner.manual", "auto")]
+        job_audit = [r[0] for r in store.query("SELECT action FROM audit WHERE action LIKE 'job.%' ORDER BY id")]
+        assert job_audit == ["job.create", "job.claim", "job.finish"]
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0

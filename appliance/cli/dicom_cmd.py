@@ -20,13 +20,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-free-mb", type=float,
                         help="refuse C-STORE with 0xA700 below this much free disk (config dicom.min_free_mb)")
     parser.add_argument("--max-pdu", type=int, help="maximum PDU we receive, 0 = unlimited (config dicom.max_pdu)")
+    parser.add_argument("--receive-path", choices=["fast", "stock"],
+                        help="fast: the validated fast receive path (default); stock: pynetdicom's own acceptor "
+                             "(config dicom.receive_path)")
     parser.add_argument("--export-pending", action="store_true",
                         help="send due result exports to the PACS once, print the counts as JSON, and exit")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
     pairs = {"port": args.port, "bind": args.bind, "ae_title": args.ae_title, "stable_after_s": args.stable_after,
-             "min_free_mb": args.min_free_mb, "max_pdu": args.max_pdu}
+             "min_free_mb": args.min_free_mb, "max_pdu": args.max_pdu, "receive_path": args.receive_path}
     out = {k: v for k, v in pairs.items() if v is not None}
     if args.allow_any_ae:
         out["allow_any_ae"] = True
@@ -72,8 +75,15 @@ def run(args: argparse.Namespace, ctx) -> int:
         print(f"edgescreen dicom: cannot listen on {dicom.bind}:{dicom.port}: {exc.strerror}; is another DICOM "
               "service running there? choose another --port", file=sys.stderr)
         return 2
+    from appliance import sdnotify  # systemd: ready now; watchdog fed while its heartbeat and port live
+    from appliance.store.heartbeat import BEAT_EVERY_S
+
+    host, port = service.address
+    sdnotify.start_watchdog(lambda: sdnotify.dicom_health(ctx.store, host, port, BEAT_EVERY_S), "dicom")
+    sdnotify.ready(f"listening on {host}:{port} as {dicom.ae_title}")
     try:
         stop.wait()
+        sdnotify.stopping()
     finally:
         service.stop()
     return 0

@@ -9,12 +9,13 @@ import time
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print as JSON")
+    parser.add_argument("--limit", type=int, default=None, help="only the newest N studies")
 
 
 def run(args: argparse.Namespace, ctx) -> int:
     from appliance.store.instances import list_studies
 
-    studies = list_studies(ctx.store)
+    studies = list_studies(ctx.store, args.limit)
     if args.json:
         print(json.dumps(studies, indent=2, default=str))
         return 0

@@ -85,7 +85,8 @@ class SeriesGuard:
             return SeriesKey(row["study_uid"], row["modality"], row["sop_class_uid"], None, None)
 
     def check(self, h: Header) -> None:
-        assert h.series_uid and h.study_uid
+        if not (h.series_uid and h.study_uid):
+            raise Refusal(sop.DATASET_DOES_NOT_MATCH_SOP_CLASS, "missing Study or Series Instance UID")
         with self._lock:
             key = self._keys.get(h.series_uid)
         if key is None:
@@ -280,13 +281,17 @@ def _queue(store: Store, study_uid: str, series_uid: str, pipeline: str, slog) -
     return job
 
 
-def complete_stable_series(store: Store, stable_after_s: float, *, now: float | None = None) -> list[dict]:
-    """Assess every series quiet for `stable_after_s`; queue jobs; return what was decided (for logs/tests)."""
+def complete_stable_series(store: Store, stable_after_s: float, *, now: float | None = None,
+                           series_uids: set[str] | None = None) -> list[dict]:
+    """Assess every series quiet for `stable_after_s` (or only `series_uids`: an upload that just ended);
+    queue jobs; return what was decided (for logs/tests)."""
     now = time.time() if now is None else now
     stable_before = now - stable_after_s
     outcomes: list[dict] = []
     due = store.query("SELECT * FROM series WHERE state = 'receiving' AND last_received_at <= ? "
                       "ORDER BY last_received_at", (stable_before,))
+    if series_uids is not None:
+        due = [row for row in due if row["series_uid"] in series_uids]
     done_studies: set[str] = set()
     for series in due:
         slog = log.bind(study=series["study_uid"], series=series["series_uid"])

@@ -18,9 +18,19 @@ one to three milliseconds of pure waiting to every instance, on top of the CPU. 
 
 The two reactor loops and `_create_association` are copies of pynetdicom 3.0.4's with only the
 waiting (and the classes created) changed, and the inline serving leans on its internals
-(`_serve_request`, `_accepted_cx`), so all of this is used only with the pynetdicom versions listed in
-VALIDATED; with any other version the stock request handler is used (slower, same behaviour) and the
-service says so once at start.
+(`_serve_request`, `_accepted_cx`, `_sent_abort`, `_reactor_checkpoint`, `_kill`, `_is_paused`, the
+DUL's `_kill_thread`, `_idle_timer`, `event_queue`, `state_machine`, `to_provider_queue`,
+`to_user_queue`, `_process_recv_primitive`, `_is_transport_event`), so all of this is used only with
+the exact pynetdicom versions listed in VALIDATED; with any other version the stock request handler is
+used (slower, same behaviour) and the service says so once at start.
+
+No thread ever waits for itself. Serving inline means pynetdicom's own abort paths (an exception in a
+service class, a C-STORE naming a SOP class its context does not carry) run in the DUL thread, and
+stock `abort()` then blocks in `kill()` until that very thread stops: forever, holding one of the
+`max_associations` slots and keeping the process alive after SIGTERM (the DUL thread is not a daemon).
+Here an abort from the DUL thread only queues the A-ABORT and hands the rest to the association thread,
+and every wait for the DUL to stop is bounded (KILL_WAIT_S), after which the DUL is told to stop and
+its socket closed.
 """
 
 from __future__ import annotations
@@ -50,13 +60,17 @@ from appliance.logs import get_logger
 
 log = get_logger(__name__)
 
-VALIDATED = ("3.0.",)
+# The exact pynetdicom releases whose internals (module docstring) this was checked against.
+VALIDATED = ("3.0.4",)
 # The longest a reactor waits without a wake-up: bounds how late ARTIM/idle timers and kill() are seen.
 IDLE_WAIT_S = 0.05
+# The longest anything waits for a DUL thread to reach Sta1 and stop before it is stopped regardless.
+KILL_WAIT_S = 10.0
 
 
-def available() -> bool:
-    return pynetdicom.__version__.startswith(VALIDATED)
+def available(version: str | None = None) -> bool:
+    """True for a validated pynetdicom release (exact match: a new release may rename what we touch)."""
+    return (version or pynetdicom.__version__) in VALIDATED
 
 
 class _KickQueue(queue.Queue):
@@ -133,7 +147,8 @@ class FastAssociationSocket(AssociationSocket):
     def recv(self, nr_bytes: int) -> bytearray:
         """Read exactly `nr_bytes` (or what came before the peer closed) into one buffer."""
         sock = self.socket
-        assert sock is not None
+        if sock is None:  # closed under us (an abort): the DUL reads "nothing" and sees the transport close
+            return bytearray()
         buf = bytearray(nr_bytes)
         view = memoryview(buf)
         got = 0
@@ -236,10 +251,52 @@ class FastAssociation(Association):
         self._kick = self.dul._assoc_kick
         self.dimse = FastDIMSE(self)
         self.dimse.msg_queue = _InlineStoreQueue(self)
+        self._aborted_inline = False
+
+    def _in_dul_thread(self) -> bool:
+        return threading.current_thread() is self.dul
+
+    def _abort_blocking(self, block: bool = True) -> None:
+        """From the DUL thread (inline serving) an abort only queues the A-ABORT: the association thread
+        then finishes it (module docstring). From any other thread, pynetdicom's abort."""
+        if self._in_dul_thread():
+            if self._sent_abort or self.is_released:
+                return
+            super()._abort_blocking(False)
+            self._aborted_inline = True
+            self._kick.set()
+            return
+        super()._abort_blocking(block)
 
     def kill(self) -> None:
+        """pynetdicom's kill, except that the DUL thread never waits for itself and nobody waits forever."""
+        self._reactor_checkpoint.set()
+        self._kill = True
+        self.is_established = False
+        self._is_paused = True
         self._kick.set()
-        super().kill()
+        if self._in_dul_thread():
+            return  # the association thread sees _kill and stops this DUL when it ends (run_reactor)
+        deadline = time.monotonic() + KILL_WAIT_S
+        while self.dul.is_alive() and not self.dul.stop_dul():
+            if time.monotonic() > deadline:
+                log.warning("DUL did not stop in time; closing the association's socket",
+                            calling_ae=str(self.requestor.ae_title), state=self.dul.state_machine.current_state)
+                self.dul.kill_dul()
+                with contextlib.suppress(Exception):
+                    cast(AssociationSocket, self.dul.socket).close()
+                self.dul.join(timeout=1.0)
+                return
+            time.sleep(0.01)
+
+    def run_reactor(self) -> None:
+        """pynetdicom's, plus: whatever way it ended, the DUL thread is stopped before this thread exits (an
+        association whose DUL outlives it would keep the process from exiting after SIGTERM)."""
+        try:
+            super().run_reactor()
+        finally:
+            if self.dul.is_alive():
+                self.kill()
 
     def _run_reactor(self) -> None:
         """pynetdicom 3.0.4's acceptor loop with `time.sleep(0.001)` replaced by waiting for a kick."""
@@ -247,6 +304,12 @@ class FastAssociation(Association):
         while not self._kill:
             self._kick.wait(IDLE_WAIT_S)
             self._kick.clear()
+
+            if self._aborted_inline:  # an abort raised while serving inline: finish it from this thread
+                self.is_aborted = True
+                self.is_established = False
+                self.kill()
+                return
 
             self._is_paused = True
             self._reactor_checkpoint.wait()

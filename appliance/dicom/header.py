@@ -339,21 +339,42 @@ def file_preamble_and_meta(sop_class_uid: str, sop_uid: str, transfer_syntax: st
     return b"\0" * 128 + b"DICM" + group_length + body
 
 
-def split_file(data: bytes) -> tuple[str, bytes]:
-    """(transfer syntax, data set bytes) of a Part 10 file held in memory; ValueError if it is not one."""
-    if len(data) < 144 or data[128:132] != b"DICM":
+@dataclass(frozen=True)
+class FileMeta:
+    """What a Part 10 file's meta says: the transfer syntax of its data set and the SOP it claims to be
+    (for a file, what a C-STORE request's Affected SOP Class / Instance UID are for a network transfer)."""
+
+    transfer_syntax: str
+    sop_class_uid: str | None
+    sop_uid: str | None
+
+
+def split_file_meta(data: bytes | memoryview) -> tuple[FileMeta, memoryview]:
+    """(file meta, data set bytes) of a Part 10 file held in memory; ValueError saying why if it is not one."""
+    view = memoryview(data)
+    if len(view) < 144 or bytes(view[128:132]) != b"DICM":
         raise ValueError("no DICM prefix: not a DICOM Part 10 file")
-    if data[132:136] != b"\x02\x00\x00\x00" or data[136:138] != b"UL":
+    if bytes(view[132:136]) != b"\x02\x00\x00\x00" or bytes(view[136:138]) != b"UL":
         raise ValueError("file meta information does not start with its group length")
-    (group_length,) = struct.unpack_from("<L", data, 140)
+    (group_length,) = struct.unpack_from("<L", view, 140)
     start = 144 + group_length
-    if start > len(data):
+    if start > len(view):
         raise ValueError("file ends inside its file meta information")
-    found, _ = _walk(data[144:start], False, frozenset({0x00020010}))
-    ts = _decode(found[0x00020010], "uid", None) if 0x00020010 in found else None
+    try:
+        found, _ = _walk(view[144:start], False, frozenset({0x00020002, 0x00020003, 0x00020010}))
+    except (_Truncated, ValueError, struct.error) as exc:
+        raise ValueError(f"file meta information cannot be read ({exc})") from None
+    ts, sop_class, sop_uid = (_decode(found[t], "uid", None) if t in found else None
+                              for t in (0x00020010, 0x00020002, 0x00020003))
     if not ts:
         raise ValueError("file meta information has no Transfer Syntax UID")
-    return ts, data[start:]
+    return FileMeta(str(ts), sop_class and str(sop_class), sop_uid and str(sop_uid)), view[start:]
+
+
+def split_file(data: bytes) -> tuple[str, bytes]:
+    """(transfer syntax, data set bytes) of a Part 10 file held in memory; ValueError if it is not one."""
+    meta, raw = split_file_meta(data)
+    return meta.transfer_syntax, bytes(raw)
 
 
 def parse_file(path: Path) -> Header:

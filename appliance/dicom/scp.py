@@ -4,11 +4,19 @@ Threads: pynetdicom's server thread accepts connections and runs each associatio
 (our fastpath.FastRequestHandler, see there why); one background thread completes stable series
 (assembly) and sends due result exports; the caller's thread waits for stop().
 
-Start-up first runs Store.recover() and re-ingests files that are on disk without a row (the index
-commit of the last instances before a power cut), so nothing acknowledged is missing from the index.
+Start-up re-ingests files that are on disk without a row (the index commit of the last instances
+before a power cut), so nothing acknowledged is missing from the index. A thread does it while the
+service already listens: it looks only at series directories changed since the last heartbeat said the
+index was durable (store.heartbeat), or at every one without such a heartbeat (a first start, an
+upgrade). Series assembly waits for it; a resent instance received meanwhile is simply stored again
+under the same name, so nothing is lost either way.
+
+A heartbeat thread writes the "dicom" heartbeat row every few seconds: the scheduler treats MPPS and
+C-STORE activity as unknown (the fail-safe) when it stops.
+
 Stopping (SIGTERM) closes the listening socket, lets running associations finish for a grace period
 (every acknowledged instance is already durable, so an abort after that loses nothing), then aborts
-the rest and returns.
+the rest, writes the last heartbeat (stopped) and returns.
 """
 
 from __future__ import annotations
@@ -29,23 +37,34 @@ from appliance.dicom.handlers import StoreService
 from appliance.dicom.header import parse_file
 from appliance.dicom.mpps import MPPS_SOP_CLASS, MppsService
 from appliance.logs import get_logger
-from appliance.store import Store
-from appliance.store.instances import IncomingInstance, reingest_unclaimed
+from appliance.store import Store, heartbeat
+from appliance.store.instances import IncomingInstance, recover_instances
 
 log = get_logger(__name__)
 
 EXPORT_EVERY_S = 10.0
 
 
+RECOVERY_MARGIN_S = 120.0  # clock steps and coarse file-system timestamps: look this much further back
+SERVICE = "dicom"  # the heartbeat row (appliance.scheduler.scanner.DICOM_SERVICE reads it)
+
+
 def describe_file(path: Path) -> IncomingInstance:
     """A stored file back into an IncomingInstance (re-ingest); ValueError if it is not whole."""
-    from appliance.dicom.header import split_file
+    from appliance.dicom.header import FileMeta, split_file_meta
 
-    h = parse_file(path)
-    ts, _ = split_file(path.read_bytes())
-    assert h.sop_uid and h.sop_class_uid and h.study_uid and h.series_uid
-    return IncomingInstance(h.sop_uid, h.sop_class_uid, h.study_uid, h.series_uid, transfer_syntax=ts,
+    data = path.read_bytes()
+    meta: FileMeta = split_file_meta(data)[0]
+    h = parse_file(path)  # check_instance inside refuses a file without its four UIDs
+    if not (h.sop_uid and h.sop_class_uid and h.study_uid and h.series_uid):
+        raise ValueError("a UID is missing")
+    return IncomingInstance(h.sop_uid, h.sop_class_uid, h.study_uid, h.series_uid, transfer_syntax=meta.transfer_syntax,
                             instance_number=h.instance_number, study=h.study_fields(), series=h.series_fields())
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    return (f"found unindexed after a restart and unreadable ({exc}); a write cut short by a crash is never "
+            "acknowledged, so the sender resends it")
 
 
 def build_ae(cfg: Dicom) -> AE:
@@ -79,25 +98,60 @@ class DicomService:
         self.server: ThreadedAssociationServer | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.started_at = time.time()
+        self._recovered = threading.Event()  # set once every file written before this start is indexed
 
     @property
     def address(self) -> tuple[str, int]:
-        assert self.server is not None
+        if self.server is None:
+            raise RuntimeError("the DICOM service is not started")
         host, port = self.server.server_address[:2]
         return str(host), int(port)
 
-    def recover(self) -> dict[str, int]:
-        report = self.store.recover()
-        counts = reingest_unclaimed(self.store, report["unclaimed_files"], describe_file,
-                                    lambda p, e: f"found unindexed after a restart and unreadable ({e}); a write "
-                                                 "cut short by a crash is never acknowledged, so the sender resends it")
-        if report["missing_files"]:
+    def recover(self, modified_since: float | None = None) -> dict:
+        """Index files on disk that have no row (module docstring); report rows whose files are gone."""
+        t0 = time.monotonic()
+        counts = recover_instances(self.store, describe_file, _unreadable, modified_since=modified_since,
+                                   stop=self._stop.is_set)
+        missing = counts.pop("missing_files")
+        if missing:
             log.error("instances whose files are missing; restore them from backup or the scanner",
-                      count=len(report["missing_files"]), example=report["missing_files"][0])
+                      count=len(missing), example=missing[0])
+        done = "interrupted by stop" if self._stop.is_set() else "done"
+        log.info(f"start-up recovery {done}", scope="all series" if modified_since is None else "changed series",
+                 seconds=round(time.monotonic() - t0, 3), **counts)
         return counts
 
+    def _recovery(self, since: float | None) -> None:
+        """Runs in its own thread while the service already listens (the start stays quick however large the
+        store, and cold directory caches after a power cut cost seconds there). Series assembly and the
+        heartbeat's durable_before wait for it; a resent instance meanwhile is simply stored again."""
+        try:
+            self.recover(None if since is None else since - RECOVERY_MARGIN_S)
+        except Exception:
+            log.exception("start-up recovery failed; it runs again at the next start")
+            return
+        if not self._stop.is_set():
+            self._recovered.set()
+
+    def _heartbeat(self) -> None:
+        """The "dicom" heartbeat row, with up to when the index is durable: every BEAT_EVERY_S, or four
+        times per `scheduler.dicom_stale_s` where that is shorter, so a live service never reads as stale."""
+        every = min(heartbeat.BEAT_EVERY_S, self.config.scheduler.dicom_stale_s / 4)
+        while True:
+            try:
+                durable = self.store_service.ingestor.durable_before() if self._recovered.is_set() else None
+                heartbeat.beat(self.store, SERVICE, started_at=self.started_at, durable_before=durable,
+                               detail=self.store_service.totals)
+            except Exception as exc:  # a locked or full database: the scheduler sees a late beat, fails safe
+                log.warning("heartbeat not recorded", error=str(exc))
+            if self._stop.wait(every):
+                return
+
     def start(self) -> tuple[str, int]:
-        self.recover()
+        self.started_at = time.time()
+        last = heartbeat.read(self.store, SERVICE)
+        since = last["durable_before"] if last and last["durable_before"] is not None else None
         s = self.store_service
         handlers = [
             (evt.EVT_REQUESTED, s.on_requested), (evt.EVT_ACCEPTED, s.on_accepted),
@@ -105,9 +159,10 @@ class DicomService:
             (evt.EVT_C_ECHO, s.on_echo), (evt.EVT_C_STORE, s.on_store),
             (evt.EVT_N_CREATE, self.mpps.on_n_create), (evt.EVT_N_SET, self.mpps.on_n_set),
         ]
-        fast = fastpath.available()
-        if not fast:
-            log.warning("fast receive path disabled: pynetdicom version not validated; receiving is slower",
+        fast = self.cfg.receive_path == "fast" and fastpath.available()
+        if self.cfg.receive_path == "fast" and not fast:
+            log.warning("fast receive path disabled: this pynetdicom release is not one it was validated against; "
+                        "receiving uses the stock path (same answers, slower)",
                         pynetdicom=__import__("pynetdicom").__version__, validated=",".join(fastpath.VALIDATED))
         self.server = ThreadedAssociationServer(
             self.ae, (self.cfg.bind, self.cfg.port), self.cfg.ae_title, self.ae.supported_contexts,
@@ -115,10 +170,13 @@ class DicomService:
         self.ae._servers.append(self.server)
         self._spawn(self.server.serve_forever, "dicom-accept")
         self._spawn(self._background, "dicom-background")
+        self._spawn(self._heartbeat, "dicom-heartbeat")
+        self._spawn(lambda: self._recovery(since), "dicom-recovery")
         host, port = self.address
         allowed = "any calling AE" if self.cfg.allow_any_ae else (
             ", ".join(f"{p.ae_title}@{p.host or '*'}" for p in self.cfg.allowed) or "no calling AE (none allow-listed)")
         log.info("DICOM service listening", ae_title=self.cfg.ae_title, bind=host, port=port, accepts=allowed,
+                 receive_path="fast" if fast else "stock", start_s=round(time.time() - self.started_at, 3),
                  stable_after_s=self.stable_after_s, pacs=self.cfg.pacs.ae_title if self.cfg.pacs else None)
         return host, port
 
@@ -133,7 +191,8 @@ class DicomService:
         next_export = 0.0
         while not self._stop.wait(tick):
             try:
-                complete_stable_series(self.store, self.stable_after_s)
+                if self._recovered.is_set():  # a series is not complete while files of it may be unindexed
+                    complete_stable_series(self.store, self.stable_after_s)
             except Exception:
                 log.exception("series assembly pass failed; will try again")
             if self.cfg.pacs is not None and time.monotonic() >= next_export:
@@ -161,6 +220,11 @@ class DicomService:
             assoc.abort()
         for t in self._threads:
             t.join(timeout=5)
+        try:
+            heartbeat.stopped(self.store, SERVICE, durable_before=self.store_service.ingestor.durable_before()
+                              if self._recovered.is_set() else None)
+        except Exception as exc:
+            log.warning("last heartbeat not recorded", error=str(exc))
         t = self.store_service.totals
         log.info("DICOM service stopped", stored=t["stored"], refused=t["refused"], associations=t["associations"],
                  rejected=t["rejected"])

@@ -198,14 +198,16 @@ class NutClient:
             raise ValueError(f"NUT command argument contains a line break or NUL: {words[0]} ...")
         if self._sock is None:
             self.connect()
-        assert self._sock is not None
+        if self._sock is None:  # connect() raises when it cannot connect; this is only for the type checker
+            raise self._unavailable("not connected")
         try:
             self._sock.sendall((" ".join(quote(w) for w in words) + "\n").encode())
         except OSError as exc:
             raise self._unavailable(f"send failed ({exc.strerror or exc}): upsd restarted or dropped us") from None
 
     def _readline(self) -> str:
-        assert self._sock is not None
+        if self._sock is None:
+            raise self._unavailable("not connected (the session was dropped)")
         while b"\n" not in self._buf:
             if len(self._buf) > _MAX_LINE:
                 raise self._unavailable("reply line too long: is this port really upsd?")

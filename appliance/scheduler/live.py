@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from appliance.context import AppContext
 from appliance.logs import get_logger
 from appliance.power.sources import PowerReading
-from appliance.scheduler.policy import Decision, PowerGate
+from appliance.scheduler import control
+from appliance.scheduler.policy import Decision, PowerGate, plan
 from appliance.scheduler.scanner import (
     ClinicHoursSource,
     ManualSource,
@@ -52,8 +53,10 @@ class LiveGate:
                 self.power_source = battery
         self._last_power: PowerReading | None = None
         scanner_aes = [p.ae_title for p in cfg.dicom.allowed] or None
-        self.sources: list[ScannerSource] = [ManualSource(store), MppsSource(store),
-                                             StoreActivitySource(store, cfg.scheduler.store_quiet_s, scanner_aes)]
+        stale_s = cfg.scheduler.dicom_stale_s
+        self.sources: list[ScannerSource] = [ManualSource(store), MppsSource(store, stale_after_s=stale_s),
+                                             StoreActivitySource(store, cfg.scheduler.store_quiet_s, scanner_aes,
+                                                                 stale_after_s=stale_s)]
         if cfg.power.scanner_power_var and cfg.power.scanner_busy_above is not None and cfg.power.nut_host:
             self.sources.append(PowerDrawSource(self._scanner_draw, cfg.power.scanner_power_var,
                                                 cfg.power.scanner_busy_above, cfg.power.stale_after_s))
@@ -81,10 +84,28 @@ class LiveGate:
         self._record_changes(now, scanner, power)
         return now, scanner, power
 
+    def paused(self, mode_for_power: PowerReading | None = None) -> Decision | None:
+        """The closed gate while staff paused the scheduler (appliance.scheduler.control), else None."""
+        state = control.status(self.ctx.store)
+        if not state["paused"]:
+            return None
+        on_battery = mode_for_power is not None and mode_for_power.on_mains is False
+        return Decision(False, f"waiting: {state['text']}", self.ctx.profile.mode_for(on_battery=on_battery),
+                        on_battery)
+
     def observe(self, *, run_now: bool = False, starving: bool = False) -> Observation:
         now, scanner, power = self.read()
-        decision = self.gate.decide(now, scanner, power, run_now=run_now, starving=starving)
+        decision = self.paused(power) or self.gate.decide(now, scanner, power, run_now=run_now, starving=starving)
         return Observation(now, scanner, power, decision)
+
+    def plan(self, *, oldest_queued_age_s: float, run_now_waiting: bool) -> tuple[Decision, bool, bool]:
+        """The worker's choice between jobs (policy.plan), closed while the scheduler is paused."""
+        now, scanner, power = self.read()
+        paused = self.paused(power)
+        if paused is not None:
+            return paused, False, False
+        return plan(self.gate, now, scanner, power, oldest_queued_age_s=oldest_queued_age_s,
+                    starvation_s=self.ctx.config.scheduler.starvation_s, run_now_waiting=run_now_waiting)
 
     def _record_changes(self, now: float, scanner: ScannerState, power: PowerReading | None) -> None:
         store = self.ctx.store

@@ -12,8 +12,9 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from appliance.store import Store
+from appliance.store import Store, heartbeat
 
+DICOM_SERVICE = "dicom"  # the heartbeat row the DICOM service writes (appliance.dicom.scp)
 MANUAL_KEY = "scanner.manual"
 MANUAL_MODES = ("busy", "idle", "auto")
 MANUAL_IDLE_MAX_S = 8 * 3600  # a forgotten "idle" must not override MPPS for days; "busy" only errs safe
@@ -56,11 +57,15 @@ class MppsSource:
 
     name = "mpps"
 
-    def __init__(self, store: Store, max_busy_s: float = 4 * 3600) -> None:
+    def __init__(self, store: Store, max_busy_s: float = 4 * 3600, stale_after_s: float = 30.0) -> None:
         self.store = store
         self.max_busy_s = max_busy_s
+        self.stale_after_s = stale_after_s
 
     def read(self, now: float) -> ScannerSignal:
+        down = heartbeat.staleness(self.store, DICOM_SERVICE, self.stale_after_s, now)
+        if down:
+            return ScannerSignal(self.name, None, None, f"MPPS unknown: {down}", stale=True)
         open_steps = self.store.query(
             "SELECT station_ae, calling_ae, modality, created_at FROM mpps WHERE status = 'IN PROGRESS' "
             "ORDER BY created_at")
@@ -88,22 +93,35 @@ class StoreActivitySource:
 
     name = "store"
 
-    def __init__(self, store: Store, quiet_s: float, scanner_aes: list[str] | None = None) -> None:
+    def __init__(self, store: Store, quiet_s: float, scanner_aes: list[str] | None = None,
+                 stale_after_s: float = 30.0) -> None:
         self.store = store
         self.quiet_s = quiet_s
         self.scanner_aes = scanner_aes
+        self.stale_after_s = stale_after_s
+
+    def last_received(self) -> tuple[float | None, str | None]:
+        """The newest instance received over the network (uploads and re-ingests have no calling AE), by
+        index: one probe per scanner AE, or a walk down the received_at index, never a scan of the table."""
+        if self.scanner_aes:
+            best: tuple[float | None, str | None] = (None, None)
+            for ae in self.scanner_aes:
+                t = self.store.query_one("SELECT MAX(received_at) FROM instances WHERE calling_ae = ?", (ae,))[0]
+                if t is not None and (best[0] is None or t > best[0]):
+                    best = (t, ae)
+            return best
+        row = self.store.query_one("SELECT received_at, calling_ae FROM instances INDEXED BY instances_received "
+                                   "WHERE calling_ae IS NOT NULL ORDER BY received_at DESC LIMIT 1")
+        return (row["received_at"], row["calling_ae"]) if row else (None, None)
 
     def read(self, now: float) -> ScannerSignal:
-        sql = "SELECT MAX(received_at) AS t, calling_ae FROM instances"
-        params: tuple = ()
-        if self.scanner_aes:
-            sql += f" WHERE calling_ae IN ({', '.join('?' * len(self.scanner_aes))})"
-            params = tuple(self.scanner_aes)
-        row = self.store.query_one(sql, params)
-        last = row["t"] if row else None
+        down = heartbeat.staleness(self.store, DICOM_SERVICE, self.stale_after_s, now)
+        if down:
+            return ScannerSignal(self.name, None, None, f"image arrivals unknown: {down}", stale=True)
+        last, calling_ae = self.last_received()
         if last is None or now - last >= self.quiet_s:
             return ScannerSignal(self.name, False, last, "no images arriving")
-        return ScannerSignal(self.name, True, last, f"receiving images from {row['calling_ae'] or 'the scanner'} "
+        return ScannerSignal(self.name, True, last, f"receiving images from {calling_ae or 'the scanner'} "
                              f"({now - last:.0f} s ago)")
 
 
@@ -154,8 +172,7 @@ def set_manual(store: Store, mode: str, actor: str) -> None:
         conn.execute("INSERT INTO settings (key, value, updated_at) VALUES (?, ?, ?) "
                      "ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
                      (MANUAL_KEY, mode, now))
-        conn.execute("INSERT INTO audit (ts, actor, action, target, detail) VALUES (?, ?, 'scanner.manual', ?, NULL)",
-                     (now, actor, mode))
+        store.audit(actor, "scanner.manual", mode, conn=conn)
         conn.execute("INSERT INTO events (ts, kind, source, state, detail) VALUES (?, 'scanner', 'manual', ?, ?)",
                      (now, mode, json.dumps({"actor": actor})))
 

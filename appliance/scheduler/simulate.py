@@ -226,10 +226,8 @@ def simulate(trace: dict, profile: HardwareProfile, *, step_s: float = 1.0) -> S
                     conn.execute("INSERT INTO studies (study_uid, received_at, updated_at) VALUES (?, ?, ?)", (uid, at, at))
                     conn.execute("INSERT INTO series (series_uid, study_uid, first_received_at, last_received_at) "
                                  "VALUES (?, ?, ?, ?)", (uid + ".1", uid, at, at))
-                job_id = jobs.enqueue(store, uid, uid + ".1", pipeline)
-                with store.transaction() as conn:
-                    conn.execute("UPDATE jobs SET created_at = ?, urgent = ?, run_now = ? WHERE id = ?",
-                                 (at, int(urgent), int(run_now), job_id))
+                job_id = jobs.enqueue(store, uid, uid + ".1", pipeline, actor="simulator", created_at=at,
+                                      urgent=urgent, run_now=run_now)
                 sim_jobs[job_id] = SimJob(job_id, pipeline, at, float(model[f"{pipeline}_s"]), urgent)
                 next_arrival += 1
 

@@ -21,9 +21,11 @@ from pathlib import Path
 
 from appliance.context import AppContext
 from appliance.logs import get_logger
+from appliance.scheduler import retry
 from appliance.scheduler.live import LiveGate
 from appliance.store import jobs
 from appliance.store.instances import job_files
+from appliance.store.retention import IdlePurger
 
 log = get_logger(__name__)
 
@@ -32,6 +34,12 @@ POLL_S = 2.0
 
 class LeaseLost(RuntimeError):
     """Another worker reclaimed our job (we stalled past the lease); stop without writing anything."""
+
+
+# what run_job returns, and whether the loop goes straight on to the next job (the queue moved) or sleeps
+PROGRESS_OUTCOMES = frozenset({"done", "failed", "quarantined"})
+PROGRESS_EVERY_S = 1.0  # the progress column is written at most this often (and at each new stage)
+MAX_IDLE_BACKOFF_S = 60.0  # the longest the loop sleeps after the store itself failed
 
 
 class Worker:
@@ -43,99 +51,98 @@ class Worker:
         self.poll_s = poll_s
         self.once = once
         self.stop = threading.Event()
+        self.alive_at = time.monotonic()  # stamped each loop turn and safe point: the systemd watchdog's health check
+        self.retention = IdlePurger(self.store, ctx.config.retention)  # issue 13: deletes by policy when idle
         self.gate = LiveGate(ctx)
         self.power_mode = PowerModeSwitch(self.store)
+        self.retry_policies = retry.policies(ctx.config.scheduler.retry)
+        self._traced: set[tuple[int, str]] = set()  # (job, error class) whose stack trace is already logged
         hw = ctx.config.hardware
         self.bundle_dir = Path(hw.bundle) if hw.bundle else None
         self.models_dir = Path(hw.models_dir) if hw.models_dir else None
 
     # -- the loop ---------------------------------------------------------------------------------
     def run_forever(self) -> None:
+        """Step until stopped. After a step that moved nothing (gate closed, queue empty, a job deferred or
+        preempted) it sleeps: the poll interval, or until the next deferred job is due if that is sooner;
+        after the store itself failed (a locked or full database) it backs off up to a minute."""
         log.info("worker started", owner=self.owner)
+        failures = 0
         while not self.stop.is_set():
-            worked = self.step()
-            if self.once and not worked and not self._outstanding():
+            self.alive_at = time.monotonic()
+            try:
+                outcome = self.step()
+                failures = 0
+            except (sqlite3.Error, OSError) as exc:
+                failures += 1
+                wait = min(MAX_IDLE_BACKOFF_S, self.poll_s * 2 ** min(failures, 10))
+                (log.exception if failures == 1 else log.warning)(
+                    "worker step failed on the store; backing off", error=f"{type(exc).__name__}: {exc}",
+                    failures=failures, wait_s=round(wait, 1))
+                self.stop.wait(wait)
+                continue
+            if outcome in PROGRESS_OUTCOMES:
+                continue
+            if self.once and not self._outstanding():
                 break
-            if not worked:
-                self.stop.wait(self.poll_s)
+            self.retention.maybe_run()
+            self.stop.wait(self._idle_wait())
         log.info("worker stopped", owner=self.owner)
 
+    def _idle_wait(self) -> float:
+        due = jobs.queue_summary(self.store)["next_due"]
+        if due is None:
+            return self.poll_s
+        return max(0.05, min(self.poll_s, due - time.time()))
+
     def _outstanding(self) -> int:
-        """Jobs still to finish: queued ones, and running ones whose worker may have died (its lease then
-        expires and `reclaim_expired` queues the job again), so `--once` never leaves a killed worker's job."""
-        return self.store.query_one("SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')")[0]
+        """Jobs still to finish: queued ones (deferred ones too), and running ones whose worker may have died
+        (its lease then expires and `reclaim_expired` queues the job again), so `--once` never leaves a killed
+        worker's job."""
+        summary = jobs.queue_summary(self.store)
+        return summary["queued"] + summary["running"]
 
-    def step(self) -> bool:
-        """One scheduling decision; True when a job ran (to completion or to a preemption)."""
-        from appliance.scheduler.policy import plan
-
+    def step(self) -> str | None:
+        """One scheduling decision: None when no job ran, else the job's outcome (see run_job)."""
         jobs.reclaim_expired(self.store, max_crashes=self.ctx.config.scheduler.max_crashes)
-        now, scanner, power = self.gate.read()
-        decision, only_run_now, starving = plan(
-            self.gate.gate, now, scanner, power, oldest_queued_age_s=self._oldest_queued_age(),
-            starvation_s=self.ctx.config.scheduler.starvation_s, run_now_waiting=self._has_run_now())
+        summary = jobs.queue_summary(self.store)
+        if not summary["queued"]:
+            return None
+        oldest = summary["oldest_created_at"]
+        decision, only_run_now, starving = self.gate.plan(
+            oldest_queued_age_s=time.time() - oldest if oldest else 0.0, run_now_waiting=summary["run_now_waiting"])
         if not decision.run:
             jobs.set_waiting_reason(self.store, decision.reason)
-            return False
+            return None
         job = jobs.claim_next(self.store, self.owner, self.lease_s, starvation_s=self.ctx.config.scheduler.starvation_s,
                               only_run_now=only_run_now)
         if job is None:
-            return False
+            return None
         self.power_mode.apply(decision.mode)
-        self.run_job(job, threads=decision.mode.threads, starving=starving)
-        return True
-
-    def _oldest_queued_age(self) -> float:
-        row = self.store.query_one("SELECT MIN(created_at) FROM jobs WHERE state = 'queued'")
-        return time.time() - row[0] if row and row[0] else 0.0
-
-    def _has_run_now(self) -> bool:
-        return self.store.query_one("SELECT 1 FROM jobs WHERE state = 'queued' AND run_now = 1") is not None
+        return self.run_job(job, threads=decision.mode.threads, starving=starving)
 
     # -- one job ----------------------------------------------------------------------------------
     def job_dirs(self, job_id: int) -> tuple[Path, Path]:
         return self.store.results_dir / f"job-{job_id}", self.store.work_dir / f"job-{job_id}" / "checkpoint"
 
     def run_job(self, job: dict, *, threads: int | None = None, starving: bool = False) -> str:
-        from appliance.pipeline.analyze import InputError, analyze_study
+        """Run one claimed job to one of: done, failed, quarantined, preempted, deferred, lease-lost.
+
+        Every exit gives the job back through the guarded transitions; nothing escapes but a store that
+        cannot be written at all (the loop backs off, the lease expires, the job is reclaimed).
+        """
+        from appliance.pipeline.analyze import InputError
         from appliance.pipeline.checkpoint import Preempted
         from appliance.pipeline.ctload import SeriesError
 
         job_id = job["id"]
         jlog = log.bind(job=job_id, study=job["study_uid"], series=job["series_uid"])
-        out_dir, ckpt_dir = self.job_dirs(job_id)
-        # outputs go to a private directory and are moved into place only by the lease holder
-        attempt_dir = self.store.work_dir / f"job-{job_id}" / f"out-{self.owner.replace(':', '-')}"
-        shutil.rmtree(attempt_dir, ignore_errors=True)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        resumed = any(ckpt_dir.iterdir())
-        self.store.add_event("job", "worker", "resumed" if resumed else "started",
-                             json.dumps({"job": job_id, "owner": self.owner}))
-        jlog.info("job running", resumed=resumed, crashes=job["attempts"])
-        run_now = bool(job["run_now"])
         self._preempt_reason = None
-        lease = _LeaseKeeper(self.store, job_id, self.owner, self.lease_s)
-
-        def gate(safe_point: str) -> bool:
-            if self.stop.is_set():
-                self._preempt_reason = "waiting: worker was stopped; resumes from its checkpoint"
-                return False
-            if lease.lost.is_set() or not jobs.renew_lease(self.store, job_id, self.owner, self.lease_s, stage=safe_point):
-                raise LeaseLost(f"job {job_id}: lease lost at {safe_point}")
-            obs = self.gate.observe(run_now=run_now, starving=starving)
-            if not obs.decision.run:
-                self._preempt_reason = obs.decision.reason
-            return obs.decision.run
-
         try:
-            with lease:
-                findings = analyze_study(job_files(self.store, job), attempt_dir, checkpoint_dir=ckpt_dir, gate=gate,
-                                         threads=threads, threshold=self._threshold(job["pipeline"]),
-                                         bundle_dir=self._bundle(), models_dir=self.models_dir,
-                                         trusted_keys=self.ctx.data_dir)
+            return self._run(job, jlog, threads=threads, starving=starving)
         except Preempted as exc:
             reason = self._preempt_reason or "waiting: gate closed"
-            jobs.release(self.store, job_id, self.owner, to="queued", reason=reason, stage=exc.safe_point)
+            jobs.release(self.store, job_id, self.owner, to="queued", reason=reason)
             self.store.add_event("job", "worker", "preempted", json.dumps({"job": job_id, "at": exc.safe_point,
                                                                           "reason": reason}))
             jlog.info("job preempted", safe_point=exc.safe_point, reason=reason)
@@ -148,28 +155,94 @@ class Worker:
             self.store.add_event("job", "worker", "quarantined", json.dumps({"job": job_id, "reason": str(exc)}))
             jlog.warning("job quarantined", reason=str(exc))
             return "quarantined"
-        except (sqlite3.OperationalError, OSError) as exc:  # a locked database, a full disk: try again later
-            jlog.exception("job interrupted by a system error; it stays queued")
-            jobs.release(self.store, job_id, self.owner, to="queued", reason=f"waiting: retry after {exc}")
-            return "retry"
-        except Exception as exc:  # a bug or a broken model must fail this job, never the worker
+        except Exception as exc:  # a system error is retried (bounded); a bug or a broken model fails this job
+            error_class = retry.classify(exc)
+            if error_class is not None:
+                return self._defer(job_id, jlog, exc, error_class)
             jlog.exception("job failed")
             jobs.release(self.store, job_id, self.owner, to="failed", error=f"{type(exc).__name__}: {exc}")
             self.store.add_event("job", "worker", "failed", json.dumps({"job": job_id, "error": str(exc)}))
             return "failed"
-        if lease.lost.is_set() or not jobs.renew_lease(self.store, job_id, self.owner, self.lease_s, stage="outputs"):
+
+    def _defer(self, job_id: int, jlog, exc: BaseException, error_class: str) -> str:
+        """Bounded retry after a system error: backoff with jitter; the stack trace is logged once per class."""
+        policy = self.retry_policies[error_class]
+        counts = json.loads((jobs.get(self.store, job_id) or {}).get("retry_counts") or "{}")
+        attempt = counts.get(error_class, 0) + 1
+        wait = retry.delay(policy, attempt)
+        message = retry.describe(exc, error_class)
+        if (job_id, error_class) not in self._traced:
+            self._traced.add((job_id, error_class))
+            jlog.exception("job interrupted by a system error; it will be retried", error_class=error_class)
+        outcome, n = jobs.defer(self.store, job_id, self.owner, error_class=error_class, error=message,
+                                max_retries=policy.retries, delay_s=wait)
+        if outcome == "failed":
+            jlog.error("job failed after its retries", error_class=error_class, retries=policy.retries, error=message)
+            self.store.add_event("job", "worker", "failed", json.dumps({"job": job_id, "error": message}))
+            return "failed"
+        if outcome == "deferred":
+            jlog.warning("job deferred after a system error", error_class=error_class, retry=n,
+                         of=policy.retries, wait_s=round(wait, 1), error=message)
+            self.store.add_event("job", "worker", "deferred", json.dumps({"job": job_id, "error_class": error_class,
+                                                                         "retry": n, "wait_s": round(wait, 3)}))
+            return "deferred"
+        return "lease-lost"
+
+    def _run(self, job: dict, jlog, *, threads: int | None, starving: bool) -> str:
+        from appliance.pipeline.analyze import AnalysisRequest, AnalysisSettings, analyze_study
+        from appliance.sync.enqueue import outbox_items_for_result
+
+        job_id = job["id"]
+        out_dir, ckpt_dir = self.job_dirs(job_id)
+        # outputs go to a private directory and are moved into place only by the lease holder
+        attempt_dir = self.store.work_dir / f"job-{job_id}" / f"out-{self.owner.replace(':', '-')}"
+        shutil.rmtree(attempt_dir, ignore_errors=True)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        resumed = any(ckpt_dir.iterdir())
+        self.store.add_event("job", "worker", "resumed" if resumed else "started",
+                             json.dumps({"job": job_id, "owner": self.owner}))
+        jlog.info("job running", resumed=resumed, crashes=job["attempts"])
+        run_now = bool(job["run_now"])
+        lease = _LeaseKeeper(self.store, job_id, self.owner, self.lease_s)
+        progress = _ProgressReporter(self.store, job_id, self.owner)
+
+        def gate(safe_point: str) -> bool:
+            self.alive_at = time.monotonic()
+            if self.stop.is_set():
+                self._preempt_reason = "waiting: worker was stopped; resumes from its checkpoint"
+                return False
+            if lease.lost.is_set() or not jobs.renew_lease(self.store, job_id, self.owner, self.lease_s):
+                raise LeaseLost(f"job {job_id}: lease lost at {safe_point}")
+            obs = self.gate.observe(run_now=run_now, starving=starving)
+            if not obs.decision.run:
+                self._preempt_reason = obs.decision.reason
+            return obs.decision.run
+
+        with lease:
+            findings = analyze_study(AnalysisRequest(
+                job_files(self.store, job), attempt_dir, models_dir=self.models_dir, bundle_dir=self._bundle(),
+                trusted_keys=self.ctx.key_home, settings=AnalysisSettings.from_triage(self.ctx.config.triage, threads=threads),
+                progress=progress, gate=gate, checkpoint_dir=ckpt_dir))
+        if lease.lost.is_set() or not jobs.renew_lease(self.store, job_id, self.owner, self.lease_s):
             jlog.warning("job finished but lease was lost; result discarded (the new owner writes it)")
             return "lease-lost"
+        progress("outputs", 1.0)
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(attempt_dir, out_dir)
-        findings_json = json.dumps(findings)
-        if not jobs.finish(self.store, job_id, self.owner, triage=findings["triage"], findings_json=findings_json,
-                           output_dir=str(out_dir)):
+        items = outbox_items_for_result(self.ctx.config, data_dir=self.ctx.data_dir, study_uid=job["study_uid"],
+                                        findings=findings, out_dir=out_dir)
+        if not jobs.finish(self.store, job_id, self.owner, triage=findings["triage"], findings_json=json.dumps(findings),
+                           output_dir=str(out_dir), outbox_items=items):
             jlog.warning("job finished but lease was lost; result discarded (the new owner writes it)")
             return "lease-lost"
         shutil.rmtree(ckpt_dir.parent, ignore_errors=True)
         self.store.add_event("job", "worker", "done", json.dumps({"job": job_id, "triage": findings["triage"]}))
-        jlog.info("job done", triage=findings["triage"])
+        for model in findings.get("models", []):  # a bundle backend that failed to load: the system page shows it
+            if model.get("refused"):
+                self.store.add_event("backend", model["role"], "fallback", json.dumps(
+                    {"job": job_id, "running": f"{model['backend']}/{model['device']}/{model['precision']}",
+                     "refused": model["refused"]}))
+        jlog.info("job done", triage=findings["triage"], outbox=len(items))
         return "done"
 
     def _bundle(self) -> Path | None:
@@ -181,10 +254,6 @@ class Worker:
 
         return current_bundle(self.ctx.data_dir)
 
-    def _threshold(self, pipeline: str) -> float | None:
-        triage = self.ctx.config.triage
-        return triage.pancreas_threshold if pipeline == "pancreas" else triage.mammo_threshold
-
     def install_signal_handlers(self) -> None:
         def _stop(signum, frame) -> None:  # noqa: ARG001
             log.info("worker stopping", signal=signum)
@@ -192,8 +261,6 @@ class Worker:
 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
-
-
 class _LeaseKeeper:
     """Renews the lease from a thread while a job runs, so one long stage or a slow model load never
     lets another worker reclaim a job that is still computing."""
@@ -220,6 +287,26 @@ class _LeaseKeeper:
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class _ProgressReporter:
+    """The pipeline's progress callback: the job's stage and how far through it, written at most once a
+    second (and at every new stage), so a tile loop calling it hundreds of times costs no write each."""
+
+    def __init__(self, store, job_id: int, owner: str, every_s: float = PROGRESS_EVERY_S) -> None:
+        self.store, self.job_id, self.owner, self.every_s = store, job_id, owner, every_s
+        self._stage: str | None = None
+        self._written = 0.0
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        now = time.monotonic()
+        if stage == self._stage and now - self._written < self.every_s and fraction < 1.0:
+            return
+        self._stage, self._written = stage, now
+        try:
+            jobs.report_progress(self.store, self.job_id, self.owner, stage, fraction)
+        except sqlite3.Error as exc:  # progress is for the eyes only; the next report tries again
+            log.warning("progress not recorded", job=self.job_id, error=str(exc))
 
 
 class PowerModeSwitch:
