@@ -25,21 +25,15 @@ import numpy as np
 
 from appliance import RESEARCH_USE_BANNER, __version__
 from appliance.modelcard import ModelCard, load_card, sha256_file
-from models.train.ct_common import (
-    LESION_CLASSES,
-    ORGAN_NAMES,
-    dice,
-    sigmoid,
-    sliding_window,
-    softmax,
-    window,
-)
+from appliance.pipeline.activations import sigmoid, softmax
+from appliance.pipeline.metrics import N_BOOT, auc, balanced_accuracy, bootstrap_ci, dice, sens_at_spec
+from models.train.ct_common import LESION_CLASSES, ORGAN_NAMES, sliding_window, window
 
 MODELS_DIR = Path(__file__).resolve().parent
 ROLES = ("pancreas.stage1", "pancreas.stage2", "pancreas.stage3")
 AIMS = {"dice": 0.85, "auc": 0.95, "balanced_accuracy": 0.70}
 MAMMO_AIM = 0.85  # abnormal vs normal AUC on mini-MIAS (patient-level cross-validation)
-N_BOOT = 1000
+__all__ = ["N_BOOT", "auc", "bootstrap_ci", "evaluate", "sens_at_spec"]  # the metrics live in appliance.pipeline.metrics
 
 
 def heldout_plan(n_ct: int, seed_base: int) -> list[tuple[int, str | None]]:
@@ -62,47 +56,6 @@ def lesion_probability(card: ModelCard, seg: np.ndarray) -> np.ndarray:
     if spec.activation == "softmax":
         return softmax(seg, axis=0)[index]
     return sigmoid(seg[index])
-
-
-def bootstrap_ci(values: np.ndarray, stat: Callable[[np.ndarray], float], n_boot: int = N_BOOT, seed: int = 0) -> list[float]:
-    """95% percentile bootstrap CI of ``stat`` over resampled rows (resamples where stat fails are skipped)."""
-    rng = np.random.default_rng(seed)
-    n = len(values)
-    out = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, size=n)
-        try:
-            v = stat(values[idx])
-        except ValueError:
-            continue
-        if np.isfinite(v):
-            out.append(v)
-    return [float(np.percentile(out, 2.5)), float(np.percentile(out, 97.5))]
-
-
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC (Mann-Whitney, ties count half); ValueError when a class is missing."""
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    if len(pos) == 0 or len(neg) == 0:
-        raise ValueError("AUC needs both classes")
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (len(pos) * len(neg)))
-
-
-def sens_at_spec(labels: np.ndarray, scores: np.ndarray, spec: float = 0.99) -> float:
-    """Sensitivity at the lowest threshold whose specificity on these normals is >= ``spec``."""
-    neg, pos = np.sort(scores[labels == 0]), scores[labels == 1]
-    if len(neg) == 0 or len(pos) == 0:
-        raise ValueError("needs both classes")
-    k = int(np.ceil(spec * len(neg)))
-    thr = np.nextafter(neg[k - 1], np.inf)
-    return float(np.mean(pos >= thr))
-
-
-def balanced_accuracy(pairs: np.ndarray) -> float:
-    """Mean per-class recall over the classes present; ``pairs`` rows are (truth, prediction)."""
-    recalls = [np.mean(pairs[pairs[:, 0] == c, 1] == c) for c in np.unique(pairs[:, 0])]
-    return float(np.mean(recalls))
 
 
 def _session(path: Path):  # noqa: ANN202
@@ -129,6 +82,7 @@ def evaluate(
     stage1_n: int | None = None,
     pipeline_n: int = 3,
     update_cards: bool = False,
+    domain: dict | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run the three pancreas models on held-out phantoms; write and return the report dict."""
@@ -272,11 +226,57 @@ def evaluate(
     mammo = models_dir / "mammo_cv.json"
     if mammo.is_file():
         report["mammo"] = json.loads(mammo.read_text())
+    report["operating_points"] = card_operating_points(models_dir)
+    if domain is not None:
+        report["domain_gate"] = run_domain_gate(models_dir, domain, log)
     _write(out_json, json.dumps(report, indent=2) + "\n")
     _write(out_md, render_markdown(report))
     if update_cards:
         _update_cards(models_dir, report)
     log(f"evaluate: wrote {out_md} and {out_json} in {report['seconds']:.0f} s")
+    return report
+
+
+def card_operating_points(models_dir: Path) -> dict[str, dict]:
+    """Per card: its operating points and default as the card states them (the report and the cards agree)."""
+    out = {}
+    for role in (*ROLES, "mammo"):
+        path = models_dir / f"{role}.json"
+        if not path.is_file():
+            continue
+        card = load_card(path, verify_file=False)
+        if card.operating_points:
+            out[role] = {"default": card.default_operating_point,
+                         "points": [op.model_dump() for op in card.operating_points]}
+    return out
+
+
+def run_domain_gate(models_dir: Path, options: dict, log: Callable[[str], None] = print) -> dict:
+    """The gate's flag rates (models/evaluate_domain.py) with the options of `edgescreen models evaluate`."""
+    import tempfile
+
+    from models.evaluate_domain import evaluate_domain_gate
+
+    with tempfile.TemporaryDirectory(prefix="edgescreen-gate-") as tmp:
+        return evaluate_domain_gate(models_dir, Path(tmp), log=log, **options)
+
+
+def merge_domain_gate(models_dir: Path, options: dict, out_md: Path | None = None, out_json: Path | None = None,
+                      log: Callable[[str], None] = print) -> dict:
+    """Measure only the gate (and re-read the cards' operating points) and merge them into an existing report."""
+    out_md, out_json = out_md or models_dir / "REPORT.md", out_json or models_dir / "REPORT.json"
+    report = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    report["operating_points"] = card_operating_points(models_dir)
+    report["domain_gate"] = run_domain_gate(models_dir, options, log)
+    _write(out_json, json.dumps(report, indent=2) + "\n")
+    if "pancreas.stage1" in report:
+        text = render_markdown(report)
+        if report.get("end_to_end"):  # the section models/evaluate_e2e.py appends
+            from models.evaluate_e2e import render as render_e2e
+
+            text = text.rstrip("\n") + "\n" + render_e2e(report["end_to_end"])
+        _write(out_md, text)
+    log(f"evaluate: domain gate merged into {out_json}")
     return report
 
 
@@ -478,6 +478,22 @@ def render_markdown(r: dict) -> str:
         lines.append("")
     else:
         lines += ["models/mammo_cv.json was not present when this report was written.", ""]
+    ops = r.get("operating_points") or {}
+    if ops:
+        lines += ["## Operating points (from the cards)", "",
+                  "| model | name | target | threshold | calibration set | measured there |", "|---|---|---|---|---|---|"]
+        for role, entry in ops.items():
+            for op in entry["points"]:
+                measured = ", ".join(f"{k} {_fmt(v) if k.startswith(('sens', 'spec')) else int(v)}"
+                                     for k, v in op.get("measured", {}).items())
+                default = " (default)" if op["name"] == entry["default"] else ""
+                lines.append(f"| {role} | {op['name']}{default} | {op['target']} {op['target_value']} | "
+                             f"{op['threshold']:.6f} | {op['calibration_set']} | {measured} |")
+        lines.append("")
+    if r.get("domain_gate"):
+        from models.evaluate_domain import render_markdown as render_gate
+
+        lines += [*render_gate(r["domain_gate"]).splitlines(), ""]
     lines += [
         "## Models and provenance",
         "",
@@ -493,8 +509,18 @@ def render_markdown(r: dict) -> str:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    evaluate(args.models or MODELS_DIR, args.n, args.seed_base, args.out_md, args.out_json, stage1_n=args.stage1_n,
-             pipeline_n=args.pipeline_n, update_cards=args.update_cards)
+    models_dir = args.models or MODELS_DIR
+    domain = None
+    if args.domain_n or args.domain_shifted_n or args.domain_mammo_n:
+        domain = {"n_in": args.domain_n, "n_shift": args.domain_shifted_n, "n_mammo": args.domain_mammo_n,
+                  "backend": args.backend, "mini_mias": args.mini_mias}
+    if args.domain_only:
+        if domain is None:
+            raise SystemExit("evaluate: --domain-only needs --domain-n, --domain-shifted-n or --domain-mammo-n")
+        merge_domain_gate(models_dir, domain, args.out_md, args.out_json)
+        return 0
+    evaluate(models_dir, args.n, args.seed_base, args.out_md, args.out_json, stage1_n=args.stage1_n,
+             pipeline_n=args.pipeline_n, update_cards=args.update_cards, domain=domain)
     return 0
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.pipeline.analyze import analyze_study
-from models.evaluate import _fmt, auc, bootstrap_ci, sens_at_spec
+from appliance.pipeline.analyze import AnalysisRequest, analyze_study
+from appliance.pipeline.metrics import auc, bootstrap_ci, sens_at_spec
+from models.evaluate import _fmt
 from models.phantom.ct import LESION_CLASSES, write_ct_study
 from models.phantom.mg import MG_FINDINGS, write_mg_exam
 
@@ -44,7 +45,7 @@ def evaluate_ct(models_dir: Path, work: Path, per_class: int, normals: int, slic
         study = work / f"ct-{seed}"
         write_ct_study(study, seed, lesion=lesion, slices=slices)
         t0 = time.perf_counter()
-        findings = analyze_study(sorted(study.glob("*.dcm")), work / f"out-{seed}", models_dir=models_dir)
+        findings = analyze_study(AnalysisRequest(sorted(study.glob("*.dcm")), work / f"out-{seed}", models_dir=models_dir))
         seconds.append(time.perf_counter() - t0)
         labels.append(int(lesion is not None))
         scores.append(float(findings.get("abnormal_probability") or 0.0))
@@ -73,7 +74,7 @@ def evaluate_mammo(models_dir: Path, work: Path, exams: int) -> dict:
         finding = None if i % 2 == 0 else MG_FINDINGS[(i // 2) % len(MG_FINDINGS)]
         exam = work / f"mg-{seed}"
         write_mg_exam(exam, seed, finding=finding)
-        findings = analyze_study(sorted(exam.glob("*.dcm")), work / f"mgout-{seed}", models_dir=models_dir)
+        findings = analyze_study(AnalysisRequest(sorted(exam.glob("*.dcm")), work / f"mgout-{seed}", models_dir=models_dir))
         labels.append(int(finding is not None))
         scores.append(float(findings["mammo"]["exam_score"]))
     y, s = np.array(labels), np.array(scores)

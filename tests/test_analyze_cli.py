@@ -213,14 +213,14 @@ def _signed_bundle(root: Path, models_dir: Path, data_dir: Path) -> Path:
 
 
 def test_signed_bundle_verified_and_tampered_refused(tmp_path: Path, models_dir: Path, study_dir: Path) -> None:
-    from appliance.pipeline.analyze import InputError, analyze_study
+    from appliance.pipeline.analyze import AnalysisRequest, InputError, analyze_study
 
     data_dir = tmp_path / "data"
     bundle = _signed_bundle(tmp_path, models_dir, data_dir)
-    findings = analyze_study([study_dir], tmp_path / "out", models_dir=tmp_path / "nowhere", bundle_dir=bundle,
-                             trusted_keys=data_dir)
+    findings = analyze_study(AnalysisRequest([study_dir], tmp_path / "out", models_dir=tmp_path / "nowhere",
+                                             bundle_dir=bundle, trusted_keys=data_dir))
     assert findings["bundle"] == "signed-test-1" and not any("not verified" in w for w in findings["warnings"])
     with open(bundle / "pancreas.stage2.onnx", "ab") as fh:
         fh.write(b"\0")
     with pytest.raises(InputError, match="sha256 mismatch"):
-        analyze_study([study_dir], tmp_path / "out2", bundle_dir=bundle, trusted_keys=data_dir)
+        analyze_study(AnalysisRequest([study_dir], tmp_path / "out2", bundle_dir=bundle, trusted_keys=data_dir))

@@ -26,19 +26,18 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from appliance import RESEARCH_USE_BANNER
-from appliance.pipeline.dicom_outputs import (
-    ENCAPSULATED_PDF_STORAGE,
-    PANCREAS_PARTS,
-    DicomOutputError,
-    render_pdf,
-    write_dicom_outputs,
-)
 from appliance.pipeline.findings import validate_findings
+from appliance.pipeline.outputs import DicomOutputError, write_dicom_outputs
+from appliance.pipeline.outputs.codes import ENCAPSULATED_PDF_STORAGE, PANCREAS_PARTS
+from appliance.pipeline.outputs.pdf import render_pdf
+from appliance.pipeline.outputs.text import patient_rows
 from tests.orthanc_server import orthanc, requires_orthanc
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 DCIODVFY = shutil.which("dciodvfy")
+PDFTOTEXT = shutil.which("pdftotext")
+requires_pdftotext = pytest.mark.skipif(PDFTOTEXT is None, reason="pdftotext not installed (apt install poppler-utils)")
 
 MODELS = [
     {"role": "pancreas.stage1", "name": "pancreas-seg-ref", "version": "1.0.0", "sha256": "a" * 64,
@@ -194,6 +193,9 @@ def pancreas_findings(sources: list[Dataset], lesion: bool = True) -> dict[str, 
         "study_uid": str(sources[0].StudyInstanceUID),
         "series_uid": str(sources[0].SeriesInstanceUID),
         "warnings": ["slice spacing varies by 0.1 mm"],
+        "domain": {"in_domain": True, "reasons": []},
+        "operating_point": {"name": "spec99", "target": "specificity", "target_value": 0.99, "threshold": 0.5,
+                            "calibration_set": "phantom seeds 100000-100079", "source": "card"},
         "created_at": "2025-03-01T10:30:00Z",
     })
 
@@ -256,7 +258,7 @@ def mammo_outputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path],
 
 def _dciodvfy(path: Path) -> tuple[list[str], list[str]]:
     """(error lines, warning lines) from dicom3tools' IOD verifier."""
-    proc = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, errors="replace", timeout=120)
     lines = (proc.stdout + proc.stderr).splitlines()
     return [ln for ln in lines if ln.startswith("Error")], [ln for ln in lines if ln.startswith("Warning")]
 
@@ -451,20 +453,26 @@ def test_sr_references_its_evidence(ct, pancreas_outputs) -> None:
 # ------------------------------------------------------------------------------------ PDF
 
 
-def _pdf_text(ds: Dataset, tmp_path: Path) -> str:
-    """The PDF's text as ghostscript extracts it (proves the hand-written PDF parses)."""
+def _pdf_bytes(ds: Dataset) -> bytes:
     pdf = bytes(ds.EncapsulatedDocument)[: int(ds.EncapsulatedDocumentLength)]
-    assert pdf.startswith(b"%PDF-1.4") and pdf.rstrip().endswith(b"%%EOF")
-    gs = shutil.which("gs")
-    if gs is None:
-        pytest.skip("ghostscript not installed; PDF text not extracted")
-    (tmp_path / "r.pdf").write_bytes(pdf)
-    out = subprocess.run([gs, "-q", "-dNOPAUSE", "-dBATCH", "-sDEVICE=txtwrite", "-sOutputFile=-", str(tmp_path / "r.pdf")],
-                         capture_output=True, text=True, timeout=60)
+    assert pdf.startswith(b"%PDF-1.") and pdf.rstrip().endswith(b"%%EOF")
+    return pdf
+
+
+def _text_of_pdf(pdf: bytes, tmp_path: Path) -> str:
+    """The PDF's text layer as poppler's pdftotext extracts it (what a search or a screen reader sees)."""
+    path = tmp_path / f"r{len(list(tmp_path.glob('r*.pdf')))}.pdf"
+    path.write_bytes(pdf)
+    out = subprocess.run([PDFTOTEXT, "-layout", str(path), "-"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return " ".join(out.stdout.split())
 
 
+def _pdf_text(ds: Dataset, tmp_path: Path) -> str:
+    return _text_of_pdf(_pdf_bytes(ds), tmp_path)
+
+
+@requires_pdftotext
 def test_pdf_is_encapsulated_and_readable(ct, pancreas_outputs, tmp_path) -> None:
     _, sources, _ = ct
     paths, _, _ = pancreas_outputs
@@ -476,20 +484,20 @@ def test_pdf_is_encapsulated_and_readable(ct, pancreas_outputs, tmp_path) -> Non
     assert "RESEARCH USE ONLY" in ds.DocumentTitle
     text = _pdf_text(ds, tmp_path)
     for expected in ("RESEARCH USE ONLY", "NOT FOR CLINICAL USE", "Result: SUSPICIOUS", "lesion_1", "18.5",
-                     str(sources[0].PatientName), "lesion-detect-ref", "Pancreas volume: 72.4 ml",
-                     "Study score: 0.930", "slice spacing varies by 0.1 mm", "x86-cpu-20250301"):
+                     dict(patient_rows(sources[0]))["Patient"], "lesion-detect-ref", "Pancreas volume: 72.4 ml",
+                     "Study score: 0.930", "slice spacing varies by 0.1 mm", "x86-cpu-20250301",
+                     "Validated domain: the study lies within", "spec99: specificity 0.99, threshold 0.5000"):
         assert expected in text, (expected, text[:2000])
 
 
+@requires_pdftotext
 def test_long_reports_break_into_numbered_pages(tmp_path: Path) -> None:
-    lines = [("t", f"line {i} " + "x" * 150) for i in range(120)]  # long lines wrap, 240+ rows in all
+    lines = [("t", f"line {i} " + "x " * 90) for i in range(120)]  # long lines wrap, 240+ rows in all
     pdf = render_pdf("many lesions", lines)
-    assert b"/Count 4" in pdf
-    ds = Dataset()
-    ds.EncapsulatedDocument, ds.EncapsulatedDocumentLength = pdf, len(pdf)
-    text = _pdf_text(ds, tmp_path)
-    assert "page 4 of 4" in text and "line 119" in text
-    assert text.count("RESEARCH USE ONLY - NOT FOR CLINICAL USE") == 4  # the banner heads every page
+    text = _text_of_pdf(pdf, tmp_path)
+    pages = int(text.split(" of ")[-1].split()[0])
+    assert pages >= 3 and f"page {pages} of {pages}" in text and "line 119" in text
+    assert text.count("RESEARCH USE ONLY - NOT FOR CLINICAL USE") == pages  # the banner heads every page
 
 
 def test_latin1_patient_name_survives_into_every_output(tmp_path: Path) -> None:
@@ -503,7 +511,84 @@ def test_latin1_patient_name_survives_into_every_output(tmp_path: Path) -> None:
         assert ds.SpecificCharacterSet == "ISO_IR 100", path.name
         if DCIODVFY:
             assert _dciodvfy(path)[0] == [], path.name
-    assert "Müller^Anna" in _pdf_text(pydicom.dcmread(paths[2]), tmp_path)
+    if PDFTOTEXT:
+        assert "Müller, Anna" in _pdf_text(pydicom.dcmread(paths[2]), tmp_path)
+
+
+@requires_pdftotext
+@pytest.mark.parametrize(("name", "shown"), [
+    ("王^小明", "王, 小明"),  # Chinese: family name 王, given name 小明
+    ("Wang^Xiaoming=王^小明", "Wang, Xiaoming = 王, 小明"),  # alphabetic = ideographic groups
+    ("አበበ^ቢቂላ", "አበበ, ቢቂላ"),  # Amharic (Ethiopic script)
+    ("Lefèvre^Éloïse", "Lefèvre, Éloïse"),  # French
+])
+def test_non_latin_patient_names_print_in_the_pdf(name: str, shown: str, tmp_path: Path) -> None:
+    """The PDF embeds fonts that cover the name: pdftotext reads it back intact (was '???' in cp1252)."""
+    sources = _sorted_by_z(_headers(make_ct_series(tmp_path / "ct", slices=4, size=32)))
+    for ds in sources:
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.PatientName = name
+    paths = write_dicom_outputs(pancreas_findings(sources), sources, _masks((4, 32, 32)), tmp_path / "out")
+    pdf = pydicom.dcmread(paths[2])
+    assert pdf.PatientName == name and pdf.SpecificCharacterSet == "ISO_IR 192"
+    text = _pdf_text(pdf, tmp_path)
+    assert shown in text, text[:600]
+    assert "?" not in text.split("Patient ID")[0]
+    if DCIODVFY:
+        for path in paths:
+            assert _dciodvfy(path)[0] == [], path.name
+
+
+_STRIPPABLE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+               "ReferringPhysicianName", "StudyID", "AccessionNumber", "SpecificCharacterSet")
+
+
+@pytest.mark.parametrize("keyword", _STRIPPABLE)
+def test_outputs_are_written_whatever_patient_or_study_attribute_the_source_lacks(keyword: str, tmp_path: Path) -> None:
+    """Anonymised series often lack type 2 attributes altogether: SEG, SR and PDF are still written,
+    valid, with the attribute present and empty (PS3.3), and the source headers are left as they were."""
+    sources = _sorted_by_z(_headers(make_ct_series(tmp_path / "ct", slices=4, size=32)))
+    for ds in sources:
+        del ds[keyword]
+    paths = write_dicom_outputs(pancreas_findings(sources), sources, _masks((4, 32, 32)), tmp_path / "out")
+    assert [p.name for p in paths] == ["seg.dcm", "sr.dcm", "report.dcm"]
+    assert all(keyword not in ds for ds in sources)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        if keyword != "SpecificCharacterSet":
+            assert keyword in ds and not ds[keyword].value, (path.name, keyword)
+        if DCIODVFY:
+            assert _dciodvfy(path)[0] == [], (path.name, keyword)
+
+
+def test_a_study_outside_the_validated_domain_says_so_in_the_sr_and_pdf(ct, tmp_path) -> None:
+    _, sources, masks = ct
+    findings = pancreas_findings(sources, lesion=False)
+    findings.update(triage="indeterminate", domain={"in_domain": False, "reasons": [
+        "slice thickness 5.0 mm is outside the validated range [1, 3]",
+        "contrast phase arterial (ContrastBolusAgent 'Iomeron') is not among non_contrast"]})
+    paths = write_dicom_outputs(validate_findings(findings), sources, {"pancreas": masks["pancreas"]}, tmp_path)
+    sr = pydicom.dcmread(paths[1])
+    assert "slice thickness 5.0 mm is outside the validated range [1, 3]" in _text_values(sr)
+    codes_found = _code_values(sr)
+    assert ("ES-DOMAIN", "ES-OUTDOM") in codes_found and ("ES-TRIAGE", "ES-INDET") in codes_found
+    assert any("spec99" in t for t in _text_values(sr))
+    if PDFTOTEXT:
+        text = _pdf_text(pydicom.dcmread(paths[2]), tmp_path)
+        assert "Result: INDETERMINATE" in text and "OUTSIDE the validated domain" in text
+        assert "contrast phase arterial" in text
+    if DCIODVFY:
+        for path in paths:
+            assert _dciodvfy(path)[0] == [], path.name
+
+
+def _code_values(ds: Dataset) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    for item in ds.get("ContentSequence", []):
+        if item.get("ValueType") == "CODE":
+            found.append((item.ConceptNameCodeSequence[0].CodeValue, item.ConceptCodeSequence[0].CodeValue))
+        found += _code_values(item)
+    return found
 
 
 # ------------------------------------------------------------------------------------ mammography

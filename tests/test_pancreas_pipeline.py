@@ -162,6 +162,8 @@ def write_test_models(models_dir: Path, *, stage2_patch: bool = True, stage2_mar
                                  {"normalization": {"type": "hu_window", "low": -150, "high": 350},
                                   "target_spacing_mm": [2.0, 2.0, 2.0], "crop_size": [12, 12, 12]}),
     }
+    # the toy stage 1 is "validated" on any CT: the gate's own tests state narrower domains
+    cards["pancreas.stage1"]["domain"] = {"modality": ["CT"], "source": "tests: any CT series"}
     for role, card in cards.items():
         (models_dir / f"{role}.json").write_text(json.dumps(card, indent=2))
     return models_dir
@@ -177,10 +179,12 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return write_study(tmp_path_factory.mktemp("study") / "ct")
 
 
-def _analyze(paths: list[Path], out: Path, models: Path, **kwargs: Any) -> dict:
-    from appliance.pipeline.analyze import analyze_study
+def _analyze(paths: list[Path], out: Path, models: Path, *, gate: Any = None, checkpoint_dir: Path | None = None,
+             **settings: Any) -> dict:
+    from appliance.pipeline.analyze import AnalysisRequest, AnalysisSettings, analyze_study
 
-    return analyze_study(paths, out, models_dir=models, **kwargs)
+    return analyze_study(AnalysisRequest(paths, out, models_dir=models, gate=gate, checkpoint_dir=checkpoint_dir,
+                                         settings=AnalysisSettings(**settings)))
 
 
 def _stable(findings: dict) -> dict:
@@ -485,3 +489,28 @@ def test_stage1_matches_training_code_bitwise(tmp_path: Path) -> None:
     ref = cc.sliding_window(lambda x: model.session.run({name: x})[spec.name], window, pre.patch_size, pre.overlap,
                             len(spec.classes))
     np.testing.assert_array_equal(mine, ref)
+
+
+def test_label_volume_for_the_viewer_matches_the_seg(tmp_path: Path, models_dir: Path, study: list[Path]) -> None:
+    """labels.npz beside findings.json: per source slice, the same pancreas and lesions as the SEG, and stage 1's
+    organs; the web viewer draws from it without reading DICOM."""
+    import highdicom as hd
+
+    from appliance.pipeline.outputs.labels import read_labels, slice_labels
+
+    findings = _analyze(study, tmp_path / "out", models_dir)
+    assert "labels.npz" in findings["outputs"]
+    labels = read_labels(tmp_path / "out" / "labels.npz")
+    assert labels["organ_classes"] == ["background", "pancreas", "liver"] and len(labels["slice_uids"]) == len(study)
+    seg = hd.seg.segread(tmp_path / "out" / "seg.dcm")
+    numbers = {s.SegmentLabel: int(s.SegmentNumber) for s in seg.SegmentSequence}
+    cited = [str(i.ReferencedSOPInstanceUID) for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence]
+    pixels = seg.get_pixels_by_source_instance(cited, segment_numbers=[numbers["Pancreas"], numbers["Lesion 1"]],
+                                                assert_missing_frames_are_empty=True)
+    for uid, frame in zip(cited, pixels, strict=True):
+        z = labels["slice_uids"].index(uid)
+        drawn = slice_labels(labels, z)
+        np.testing.assert_array_equal(drawn["pancreas"], frame[..., 0])
+        np.testing.assert_array_equal(drawn["lesions"] == 1, frame[..., 1].astype(bool))
+    middle = slice_labels(labels, len(study) // 2)["organs"]
+    assert {1, 2} <= set(np.unique(middle).tolist())  # pancreas and liver on the middle slice

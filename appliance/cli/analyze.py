@@ -19,10 +19,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory (created)")
     parser.add_argument("--bundle", type=Path, metavar="DIR", help="optimised model bundle (manifest.json) to use")
     parser.add_argument("--models", type=Path, metavar="DIR", help="reference models directory (default: models/)")
-    parser.add_argument("--threshold", type=float, metavar="X", help="operating point (default: site config, then card)")
+    parser.add_argument("--operating-point", metavar="NAME",
+                        help="one of the card's calibrated operating points, e.g. spec99, spec95, spec90, sens95 "
+                             "(default: the site config's [triage] choice, then the card's default)")
+    parser.add_argument("--threshold", type=float, metavar="X",
+                        help="a hand-set threshold instead of a calibrated operating point (research use)")
     parser.add_argument("--backend", default="onnxruntime", metavar="NAME", help="runtime backend (default onnxruntime)")
     parser.add_argument("--threads", type=int, metavar="N", help="inference threads (default: hardware profile)")
     parser.add_argument("--batch-size", type=int, default=1, metavar="N", help="sliding-window tiles per model call")
+    parser.add_argument("--enqueue-sync", action="store_true",
+                        help="also queue the results for sync (cloud items, and the PACS when configured)")
 
 
 class _Bar:
@@ -47,23 +53,30 @@ class _Bar:
             sys.stderr.flush()
 
 
-def _defaults(args: argparse.Namespace, ctx: Any) -> dict[str, Any]:
-    """Site config and hardware profile fill in what the command line left open."""
+def _request(args: argparse.Namespace, ctx: Any) -> Any:
+    """The analysis request: the command line first, then the site config and hardware profile."""
+    from appliance.pipeline.analyze import AnalysisRequest, AnalysisSettings
+
+    config = getattr(ctx, "config", None) if ctx is not None else None
     bundle, threads = args.bundle, args.threads
-    site_thresholds: dict[str, float | None] = {}
-    if ctx is not None:
-        config = getattr(ctx, "config", None)
-        if config is not None:
-            site_thresholds = {"pancreas": config.triage.pancreas_threshold, "mammo": config.triage.mammo_threshold}
-        if bundle is None and config is not None and config.hardware.bundle:
-            bundle = Path(config.hardware.bundle)
-        if threads is None:
-            try:
-                threads = ctx.profile.threads.inference
-            except Exception:  # a profile problem must not stop an analysis that can use defaults
-                threads = None
-    trusted = getattr(ctx, "data_dir", None) if ctx is not None else None
-    return {"site_thresholds": site_thresholds, "bundle": bundle, "threads": threads, "trusted_keys": trusted}
+    if bundle is None and config is not None and config.hardware.bundle:
+        bundle = Path(config.hardware.bundle)
+    if threads is None and ctx is not None:
+        try:
+            threads = ctx.profile.threads.inference
+        except Exception:  # a profile problem must not stop an analysis that can use defaults
+            threads = None
+    kwargs = {"backend": args.backend, "threads": threads, "batch_size": args.batch_size, "threshold": args.threshold}
+    if args.operating_point:
+        settings = AnalysisSettings(operating_points={"pancreas": args.operating_point, "mammo": args.operating_point},
+                                    operating_point_source="override", **kwargs)
+    elif config is not None:
+        settings = AnalysisSettings.from_triage(config.triage, **kwargs)
+    else:
+        settings = AnalysisSettings(**kwargs)
+    trusted = getattr(ctx, "key_home", getattr(ctx, "data_dir", None)) if ctx is not None and bundle else None
+    return AnalysisRequest(list(args.paths), args.out, models_dir=args.models, bundle_dir=bundle, trusted_keys=trusted,
+                           settings=settings, progress=_Bar())
 
 
 def run(args: argparse.Namespace, ctx: Any = None) -> int:
@@ -71,24 +84,22 @@ def run(args: argparse.Namespace, ctx: Any = None) -> int:
     from appliance.pipeline.analyze import InputError, analyze_study
     from appliance.pipeline.ctload import SeriesError
     from appliance.pipeline.findings import summary_lines
+    from appliance.pipeline.operating_point import OperatingPointError
     from appliance.pipeline.pancreas import PipelineError
     from appliance.runtime import BackendUnavailable
 
-    defaults = _defaults(args, ctx)
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         print(f"edgescreen analyze: --threshold {args.threshold} is outside [0, 1]", file=sys.stderr)
         return 2
-    bar = _Bar()
+    request = _request(args, ctx)
+    bar = request.progress
     try:
-        findings = analyze_study(list(args.paths), args.out, models_dir=args.models, bundle_dir=defaults["bundle"],
-                                 threshold=args.threshold, site_thresholds=defaults["site_thresholds"], progress=bar, backend=args.backend,
-                                 threads=defaults["threads"], batch_size=args.batch_size,
-                                 trusted_keys=defaults["trusted_keys"] if defaults["bundle"] else None)
+        findings = analyze_study(request)
     except (InputError, SeriesError) as exc:
         bar.close()
         print(f"edgescreen analyze: unusable input: {exc}", file=sys.stderr)
         return 2
-    except (PipelineError, CardError, BackendUnavailable) as exc:
+    except (PipelineError, CardError, BackendUnavailable, OperatingPointError) as exc:
         bar.close()
         print(f"edgescreen analyze: cannot run the models: {exc}", file=sys.stderr)
         return 1
@@ -96,4 +107,9 @@ def run(args: argparse.Namespace, ctx: Any = None) -> int:
     for line in summary_lines(findings):
         print(line)
     print(f"findings: {Path(args.out) / 'findings.json'}")
+    if getattr(args, "enqueue_sync", False) and ctx is not None:
+        from appliance.sync.enqueue import enqueue_result
+
+        ids = enqueue_result(ctx.store, ctx.config, findings=findings, out_dir=args.out)
+        print(f"queued for sync: outbox item(s) {', '.join(map(str, ids))}")
     return 0

@@ -20,8 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="mammograms: DICOM, PNG, PGM or JPEG")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the results to this JSON file")
     parser.add_argument("--card", type=Path, default=None, help="model card (default: the shipped models/mammo.json)")
+    parser.add_argument("--operating-point", metavar="NAME", default=None,
+                        help="one of the card's calibrated operating points (default: the card's default)")
     parser.add_argument("--threshold", type=float, default=None,
-                        help="abnormal probability that triages as suspicious (default: the card's)")
+                        help="a hand-set abnormal probability that triages as suspicious (research use)")
     parser.add_argument("--backend", default="onnxruntime", help="runtime backend (default: onnxruntime)")
 
 
@@ -43,15 +45,18 @@ def _print_table(rows: list[dict]) -> None:
 
 def run(args: argparse.Namespace, ctx: object | None = None) -> int:
     from appliance import RESEARCH_USE_BANNER
-    from appliance.modelcard import CardError
+    from appliance.modelcard import CardError, Percentile
+    from appliance.pipeline.domain.gate import assess_mg
     from appliance.pipeline.mammo import (
         DEFAULT_CARD,
         MammoInputError,
         infer_image,
         load_session,
+        percentile_scale,
         read_mammogram,
         summarise,
     )
+    from appliance.pipeline.operating_point import OperatingPointError, resolve
     from appliance.runtime import BackendUnavailable
 
     card_path = args.card or DEFAULT_CARD
@@ -61,12 +66,22 @@ def run(args: argparse.Namespace, ctx: object | None = None) -> int:
     except (CardError, BackendUnavailable, ValueError) as exc:
         print(f"edgescreen: cannot load the mammography model: {exc}", file=sys.stderr)
         return 2
-    threshold = args.threshold if args.threshold is not None else card.decision.threshold if card.decision else 0.5
+    try:
+        op = resolve(card, name=args.operating_point, name_source="override", threshold=args.threshold)
+    except OperatingPointError as exc:
+        print(f"edgescreen: {exc}", file=sys.stderr)
+        return 2
+    threshold = op["threshold"]
     rows: list[dict] = []
-    results = []
+    results, gate_inputs = [], []
     for path in args.images:
         try:
-            result = infer_image(read_mammogram(path), card, session, path)
+            loaded = read_mammogram(path)
+            result = infer_image(loaded, card, session, path)
+            norm = card.preprocessing.normalization
+            if isinstance(norm, Percentile):
+                gate_inputs.append((_header(path, loaded.source), loaded.pixels,
+                                    percentile_scale(loaded.pixels, norm.low, norm.high), result.features))
         except MammoInputError as exc:
             print(f"edgescreen: {exc}", file=sys.stderr)
             rows.append({"path": str(path), "error": str(exc)})
@@ -76,7 +91,7 @@ def run(args: argparse.Namespace, ctx: object | None = None) -> int:
             "path": str(path),
             "abnormal_probability": round(result.abnormal_probability, 6),
             "malignant_probability": round(result.malignant_probability, 6),
-            "suspicious": result.abnormal_probability >= threshold,
+            "above_threshold": result.abnormal_probability >= threshold,
             "laterality": result.laterality,
             "laterality_source": result.laterality_source,
             "view": result.view,
@@ -84,8 +99,13 @@ def run(args: argparse.Namespace, ctx: object | None = None) -> int:
         })
     _print_table(rows)
     summary = summarise(results, threshold, f"{card.name} {card.version}") if results else None
-    if summary is not None:
-        print(f"exam score {summary.exam_score:.3f} at threshold {threshold:.3f}: {summary.triage}")
+    domain = assess_mg(card, gate_inputs).to_json() if results else None
+    triage = None
+    if summary is not None and domain is not None:
+        triage = summary.triage if domain["in_domain"] else "indeterminate"
+        print(f"exam score {summary.exam_score:.3f} at operating point {op['name']} (threshold {threshold:.3f}): {triage}")
+        for reason in domain["reasons"]:
+            print(f"  outside the validated domain: {reason}")
     errors = sum(1 for r in rows if "error" in r)
     if args.json:
         _write_json(args.json, {
@@ -93,13 +113,24 @@ def run(args: argparse.Namespace, ctx: object | None = None) -> int:
             "model": f"{card.name} {card.version}",
             "card": str(card_path),
             "threshold": threshold,
+            "operating_point": op,
+            "domain": domain,
             "images": rows,
             "breasts": summary.breasts if summary else {},
             "exam_score": summary.exam_score if summary else None,
-            "triage": summary.triage if summary else None,
+            "triage": triage,
             "errors": errors,
         })
     if errors:
         print(f"edgescreen: {errors} of {len(rows)} file(s) could not be analysed", file=sys.stderr)
         return 2
     return 0
+
+
+def _header(path: Path, source: str) -> object | None:
+    """The DICOM header of a mammogram (for the domain gate's attribute checks); None for a plain image."""
+    if source != "dicom":
+        return None
+    import pydicom
+
+    return pydicom.dcmread(path, stop_before_pixels=True, force=True)

@@ -26,6 +26,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class RefusedBackend(_Strict):
+    """A runtime choice that could not load the model (appliance.runtime.select), and why."""
+
+    source: str  # bundle | profile | requested | reference
+    backend: str
+    device: str
+    precision: str
+    artifact: str
+    reason: str
+
+
 class ModelRef(_Strict):
     role: str
     name: str
@@ -34,6 +45,7 @@ class ModelRef(_Strict):
     backend: str
     precision: str
     device: str
+    refused: list[RefusedBackend] = Field(default_factory=list)  # empty: runs as the bundle (or caller) asked
 
 
 class Lesion(_Strict):
@@ -67,6 +79,30 @@ class MammoFindings(_Strict):
     exam_score: float
 
 
+class DomainVerdict(_Strict):
+    """Whether the study lies within the models' validated domain, and if not, every reason why.
+
+    `checks` says for each check ("dicom", "intensity", "anatomy", "ood:<role>") whether it "passed",
+    was "flagged", or why it was "not checked: ..."; `measured` holds the figures behind the verdict.
+    """
+
+    in_domain: bool
+    reasons: list[str] = Field(default_factory=list)
+    checks: dict[str, str] = Field(default_factory=dict)
+    measured: dict[str, float] = Field(default_factory=dict)
+
+
+class OperatingPointInForce(_Strict):
+    """The threshold the triage used and where it came from: a card's operating point, or a hand-set one."""
+
+    name: str  # the card's operating point name, or "custom" for a threshold set by hand
+    target: Literal["specificity", "sensitivity"] | None = None
+    target_value: float | None = None
+    threshold: float
+    calibration_set: str | None = None
+    source: Literal["card", "site", "override"]
+
+
 class Findings(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     pipeline: Literal["pancreas", "mammo"]
@@ -78,6 +114,8 @@ class Findings(_Strict):
     organs: dict[str, float] = Field(default_factory=dict)  # stage-1 organ volumes, mL
     mammo: MammoFindings | None = None
     timings_s: dict[str, float]
+    domain: DomainVerdict | None = None  # always written by the pipeline; None only in documents from before the gate
+    operating_point: OperatingPointInForce | None = None
     models: list[ModelRef]
     bundle: str | None = None
     study_uid: str
@@ -122,6 +160,13 @@ def summary_lines(findings: dict[str, Any]) -> list[str]:
         for image in mammo["images"]:
             lines.append(f"  {image['laterality']} {image['view']}: p(abnormal) {image['abnormal_probability']:.3f}, "
                          f"p(malignant) {image['malignant_probability']:.3f}")
+    domain = findings.get("domain")
+    if domain is not None and not domain.get("in_domain"):
+        lines.append("  OUTSIDE the validated domain (result indeterminate):")
+        lines += [f"    - {reason}" for reason in domain.get("reasons", [])]
+    op = findings.get("operating_point")
+    if op:
+        lines.append(f"  operating point {op['name']} (threshold {op['threshold']:.4f}, from the {op['source']})")
     for warning in findings.get("warnings", []):
         lines.append(f"  warning: {warning}")
     timings = ", ".join(f"{k} {v:.2f}" for k, v in findings.get("timings_s", {}).items())

@@ -25,6 +25,7 @@ from PIL import Image
 
 from appliance.logs import get_logger
 from appliance.modelcard import ModelCard, Percentile, Preprocessing, load_card, model_path
+from appliance.pipeline.activations import activate
 
 log = get_logger("appliance.pipeline.mammo")
 
@@ -358,6 +359,7 @@ class MammoImageResult:
     laterality_source: str
     flipped: bool
     notes: tuple[str, ...] = ()
+    features: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # the card's features outputs, (F,)
 
 
 @dataclass
@@ -368,20 +370,6 @@ class MammoResult:
     triage: str  # "suspicious" or "not_suspicious"
     threshold: float
     model: str  # card name and version: every result carries the identity of the model that made it
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
-
-
-def _activate(values: np.ndarray, activation: str) -> np.ndarray:
-    """Apply the card's activation to raw outputs (the shipped model emits logits; its card says sigmoid)."""
-    if activation == "sigmoid":
-        return _sigmoid(values)
-    if activation == "softmax":
-        shifted = np.exp(values - values.max(axis=1, keepdims=True))
-        return shifted / shifted.sum(axis=1, keepdims=True)
-    return np.asarray(values, dtype=np.float64)
 
 
 def load_session(card_path: Path = DEFAULT_CARD, backend: str = "onnxruntime") -> tuple[ModelCard, object]:
@@ -401,8 +389,10 @@ def infer_image(loaded: LoadedMammogram, card: ModelCard, session: object, path:
     outputs = session.run({card.inputs[0].name: prepared.tensor})  # type: ignore[attr-defined]
     scores_spec = next(o for o in card.outputs if o.kind == "classification")
     heat_spec = next(o for o in card.outputs if o.kind == "heatmap")
-    probs = _activate(outputs[scores_spec.name], scores_spec.activation).reshape(-1)
-    heat = _activate(outputs[heat_spec.name], heat_spec.activation).astype(np.float32)
+    probs = activate(outputs[scores_spec.name], scores_spec.activation).reshape(-1)
+    features = {o.name: np.asarray(outputs[o.name], dtype=np.float32).reshape(-1) for o in card.outputs
+                if o.kind == "features" and o.name in outputs}
+    heat = activate(outputs[heat_spec.name], heat_spec.activation).astype(np.float32)
     index = {name: i for i, name in enumerate(scores_spec.classes)}
     laterality = loaded.laterality
     if laterality == "U":  # standard display: a right breast has its chest wall on the right of the image
@@ -417,6 +407,7 @@ def infer_image(loaded: LoadedMammogram, card: ModelCard, session: object, path:
         laterality_source=loaded.laterality_source,
         flipped=prepared.flipped,
         notes=loaded.notes,
+        features=features,
     )
 
 

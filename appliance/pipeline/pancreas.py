@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from scipy import ndimage
 
 from appliance.logs import get_logger
 from appliance.modelcard import ModelCard, OutputSpec, load_card, model_path, sha256_file
+from appliance.pipeline import activations
 from appliance.pipeline.checkpoint import CheckpointStore, Gate, check_gate
 from appliance.pipeline.ctload import CtVolume, load_ct_series
 from appliance.pipeline.preprocess import (
@@ -71,10 +72,16 @@ class StageModel:
     precision: str
     device: str
     batch_size: int = 1
+    window: tuple[tuple[int, int, int], float] | None = None  # the bundle's (patch, overlap); None: the card's
+    refused: list[dict[str, str]] = field(default_factory=list)  # runtime choices refused before this one
 
-    def ref(self) -> dict[str, str]:
-        return {"role": self.role, "name": self.card.name, "version": self.card.version, "sha256": self.sha256,
-                "backend": self.backend, "precision": self.precision, "device": self.device}
+    def ref(self) -> dict[str, Any]:
+        ref: dict[str, Any] = {"role": self.role, "name": self.card.name, "version": self.card.version,
+                               "sha256": self.sha256, "backend": self.backend, "precision": self.precision,
+                               "device": self.device}
+        if self.refused:  # the model does not run as the bundle asked: say why, in every result it makes
+            ref["refused"] = self.refused
+        return ref
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = {spec.name: inputs[spec.name].astype(spec.dtype, copy=False) for spec in self.card.inputs}
@@ -84,12 +91,7 @@ class StageModel:
 
 def activate(values: np.ndarray, spec: OutputSpec) -> np.ndarray:
     """The card's activation over the class axis (1), as training computed it (float32)."""
-    if spec.activation == "softmax":
-        e = np.exp(values - values.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-    if spec.activation == "sigmoid":
-        return (1.0 / (1.0 + np.exp(-np.clip(values, -60, 60)))).astype(np.float32)
-    return values
+    return activations.activate(values, spec.activation)
 
 
 _SHA_CACHE: dict[tuple[str, float, int], str] = {}
@@ -106,20 +108,35 @@ def file_sha256(path: Path) -> str:
 
 def load_stage_model(role: str, card_path: Path, *, artifact: Path | None = None, backend: str = "onnxruntime",
                      precision: str = "fp32", device: str = "CPU", threads: int | None = None,
-                     batch_size: int = 1) -> StageModel:
-    """Load one role's card and model; `artifact` (from a bundle) replaces the card's own ONNX file."""
-    from appliance.runtime import get_backend
+                     batch_size: int = 1, profile_candidates: Sequence[Any] = (),
+                     window: dict[str, Any] | None = None) -> StageModel:
+    """Load one role's card and model; `artifact` (from a bundle) replaces the card's own ONNX file.
+
+    Loading goes through appliance.runtime.select: should the bundle's artifact fail to load, the hardware
+    profile's candidates and then ONNX Runtime FP32 run the card's reference model, and the refusals are
+    kept on the StageModel (its `ref()` puts them in the findings). `window` is a tiled model's window
+    from the bundle (patch, overlap, tiles per call), gated there on whole volumes; it applies only to
+    the bundle's own artifact.
+    """
+    from appliance.runtime.select import Choice, load_model
 
     card = load_card(card_path, verify_file=artifact is None)  # a bundle's card names the FP32 file, not its artifact
     if card.role != role:
         raise PipelineError(f"{card_path}: card role is {card.role!r}, expected {role!r}")
-    path = Path(artifact) if artifact is not None else model_path(card_path, card)
-    if not path.is_file():
-        raise PipelineError(f"{role}: model file {path} does not exist")
-    session = get_backend(backend).load(path, device=device, precision=precision, threads=threads)
+    reference = model_path(card_path, card)
+    if not reference.is_file():
+        raise PipelineError(f"{role}: model file {reference} does not exist")
+    path = Path(artifact) if artifact is not None else reference
+    first = Choice("bundle" if artifact is not None else "requested", backend, device, precision, path)
+    loaded = load_model(role, reference=reference, first=first, profile_candidates=profile_candidates, threads=threads)
     fixed = card.inputs[0].shape[0]
-    return StageModel(role, card, session, file_sha256(path), backend, precision, device,
-                      fixed if isinstance(fixed, int) else max(1, batch_size))
+    chosen = loaded.choice
+    tiled = window if window and chosen == first and artifact is not None else None
+    batch = int(tiled.get("batch") or batch_size) if tiled else batch_size
+    return StageModel(role, card, loaded.session, file_sha256(chosen.artifact), chosen.backend, chosen.precision,
+                      chosen.device, fixed if isinstance(fixed, int) else max(1, batch),
+                      (tuple(tiled["patch"]), float(tiled["overlap"])) if tiled else None,  # type: ignore[arg-type]
+                      [r.to_json() for r in loaded.refusals])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,12 +164,20 @@ def _infer(model: StageModel, image: dict[str, np.ndarray], *, pad_value: float,
     pre = model.card.preprocessing
     seg = tuple(o.name for o in model.card.outputs if o.kind in ("segmentation", "heatmap"))
     cls = tuple(o.name for o in model.card.outputs if o.kind == "classification")
+    feat = tuple(o.name for o in model.card.outputs if o.kind == "features")
     if pre.patch_size is not None:
-        spec = WindowSpec(tuple(pre.patch_size), pre.overlap, seg, cls, model.batch_size, pad_value)  # type: ignore[arg-type]
+        patch, overlap = model.window or (tuple(pre.patch_size), pre.overlap)
+        spec = WindowSpec(patch, overlap, seg, cls, model.batch_size, pad_value, feat)  # type: ignore[arg-type]
         return sliding_window(image, model.predict, spec, gate=gate, safe_point=safe_point, store=store,
                               progress=progress)
     outputs = model.predict({k: v[None] for k, v in image.items()})
     return {k: v[0] for k, v in outputs.items()}
+
+
+def _features(card: ModelCard, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The card's features outputs (F,) from one stage's outputs: what the domain gate's OOD score reads."""
+    return {o.name: np.asarray(outputs[o.name], dtype=np.float32).reshape(-1) for o in card.outputs
+            if o.kind == "features" and o.name in outputs}
 
 
 def _class_index(spec: OutputSpec, name: str) -> int | None:
@@ -187,15 +212,16 @@ class Stage1Result:
     pancreas: np.ndarray  # bool, largest connected pancreas component
     classes: list[str]
     seconds: float
+    features: dict[str, np.ndarray] = field(default_factory=dict)  # features outputs, (F,) each
 
     def dump(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        return ({"labels": self.labels, "pancreas": self.pancreas},
+        return ({"labels": self.labels, "pancreas": self.pancreas, **{f"features/{k}": v for k, v in self.features.items()}},
                 {"grid": self.grid.to_json(), "classes": self.classes, "seconds": self.seconds})
 
     @classmethod
     def restore(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Stage1Result:
         return cls(Grid.from_json(meta["grid"]), arrays["labels"], arrays["pancreas"].astype(bool), meta["classes"],
-                   float(meta["seconds"]))
+                   float(meta["seconds"]), {k[9:]: v for k, v in arrays.items() if k.startswith("features/")})
 
 
 @dataclass
@@ -206,9 +232,10 @@ class Stage2Result:
     abnormal_probability: float | None
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    features: dict[str, np.ndarray] = field(default_factory=dict)
 
     def dump(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        arrays = {}
+        arrays = {f"features/{k}": v for k, v in self.features.items()}
         if self.lesion_probability is not None:
             arrays["lesion_probability"] = self.lesion_probability
         if self.components is not None:
@@ -220,7 +247,8 @@ class Stage2Result:
     def restore(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Stage2Result:
         grid = Grid.from_json(meta["grid"]) if meta["grid"] else None
         return cls(grid, arrays.get("lesion_probability"), arrays.get("components"), meta["abnormal"],
-                   float(meta["seconds"]), list(meta["warnings"]))
+                   float(meta["seconds"]), list(meta["warnings"]),
+                   {k[9:]: v for k, v in arrays.items() if k.startswith("features/")})
 
     @property
     def n_lesions(self) -> int:
@@ -290,7 +318,7 @@ def op_stage1(ctx: Context, hu: np.ndarray, grid: Grid) -> dict[str, Any]:
     if index is None:
         raise PipelineError(f"pancreas.stage1: segmentation classes {spec.classes} have no 'pancreas'")
     result = Stage1Result(grid1, labels, largest_component(labels == index), list(spec.classes),
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0, _features(model.card, outputs))
     return {"stage1": result}
 
 
@@ -313,6 +341,29 @@ def _mask_channel(mask: np.ndarray, grid: Grid, target: Grid) -> np.ndarray:
     out = np.zeros(target.shape, dtype=np.float32)
     if block.size:
         out[where] = block
+    return out
+
+
+def stage1_mask_channels(card: ModelCard, stage1: Stage1Result, target: Grid) -> dict[str, np.ndarray]:
+    """Every "<class>_mask" input channel the card asks for, on the target grid (see modelcard.CHANNELS_DOC).
+
+    "pancreas_mask" is stage 1's pancreas after keeping its largest component; any other class is the raw
+    argmax label. Only the channels the card names are built.
+    """
+    out: dict[str, np.ndarray] = {}
+    for spec in card.inputs:
+        for channel in spec.channels:
+            if not channel.endswith("_mask") or channel == "lesion_mask" or channel in out:
+                continue
+            name = channel[: -len("_mask")]
+            if name == "pancreas":
+                mask = stage1.pancreas
+            elif name in stage1.classes:
+                mask = stage1.labels == stage1.classes.index(name)
+            else:
+                raise PipelineError(f"{card.role}: input channel {channel!r} names {name!r}, not a class of stage 1 "
+                                    f"({', '.join(stage1.classes)})")
+            out[channel] = _mask_channel(mask, stage1.grid, target)
     return out
 
 
@@ -341,8 +392,7 @@ def op_stage2(ctx: Context, hu: np.ndarray, grid: Grid, stage1: Stage1Result) ->
     zgrid, start, size = _stage2_box(model, stage1, grid)
     crop_grid = zgrid.sub(start, size)
     ct = sample_box(hu, grid, zgrid, start, size, order=1, fill=AIR_HU)
-    channels = {"ct": normalize(ct, pre.normalization),
-                "pancreas_mask": _mask_channel(stage1.pancreas, stage1.grid, crop_grid)}
+    channels = {"ct": normalize(ct, pre.normalization), **stage1_mask_channels(model.card, stage1, crop_grid)}
     outputs = _infer(model, _channel_stack(model.card, channels), pad_value=normalized_air(pre.normalization),
                      gate=ctx.gate, safe_point="pancreas.stage2.tiles", store=ctx.store,
                      progress=lambda f: ctx.report("stage2", f))
@@ -357,7 +407,7 @@ def op_stage2(ctx: Context, hu: np.ndarray, grid: Grid, stage1: Stage1Result) ->
         if n == 0:
             warnings.append("stage 2 scored the pancreas abnormal but segmented no lesion above the minimum size")
     return {"stage2": Stage2Result(crop_grid, prob.astype(np.float32), components, abnormal,
-                                   time.perf_counter() - t0, warnings)}
+                                   time.perf_counter() - t0, warnings, _features(model.card, outputs))}
 
 
 def _abnormal_probability(card: ModelCard, outputs: dict[str, np.ndarray], prob: np.ndarray) -> float:
@@ -410,7 +460,7 @@ def _classify_lesion(model: StageModel, hu: np.ndarray, grid: Grid, stage1: Stag
     ct = sample_box(hu, grid, zgrid, start, size, order=1, fill=AIR_HU)
     channels = {"ct": normalize(ct, pre.normalization),
                 "lesion_mask": _mask_channel(stage2.components == k, stage2.grid, box_grid),
-                "pancreas_mask": _mask_channel(stage1.pancreas, stage1.grid, box_grid)}
+                **stage1_mask_channels(model.card, stage1, box_grid)}
     outputs = model.predict({k2: v[None] for k2, v in _channel_stack(model.card, channels).items()})
     spec = _output(model.card, "classification")
     assert spec is not None
@@ -545,6 +595,19 @@ class CanonicalCt:
     def hu(self) -> np.ndarray:
         return self.reorientation.apply(self.volume.hu)
 
+    @property
+    def source_grid(self) -> Grid:
+        """The source slices' grid (sorted order): the volume's grid with one slice per source image."""
+        v = self.volume
+        return Grid.make((len(v.slices), *v.hu.shape[1:]), v.spacing_mm, v.origin, v.direction)
+
+    @property
+    def slice_uids(self) -> list[str]:
+        """Per source slice (sorted order): its SOPInstanceUID, with the frame number for a multi-frame image."""
+        v = self.volume
+        return [v.sop_instance_uids[s.dataset_index] + (f"#{s.frame + 1}" if s.frame is not None else "")
+                for s in v.slices]
+
     def to_source(self, canonical: np.ndarray) -> np.ndarray:
         """A canonical-grid array back onto the source slices, in the sorted order of the datasets."""
         return np.ascontiguousarray(self.volume.to_source_grid(self.reorientation.invert(canonical)))
@@ -566,7 +629,7 @@ def load_canonical(paths: list[Path], *, progress: Progress | None = None, **loa
 
 def checkpoint_key(ct: CanonicalCt, models: dict[str, StageModel], settings: CascadeSettings) -> dict[str, Any]:
     """What a checkpoint is valid for: these images, these models, these settings, this pipeline."""
-    sops = hashlib.sha256("|".join(f"{ds.get('SOPInstanceUID', '')}" for ds in ct.volume.datasets).encode())
+    sops = hashlib.sha256("|".join(ct.volume.sop_instance_uids).encode())  # from the loader: no header re-parse
     return {"pipeline": PIPELINE_VERSION, "series": ct.volume.series_uid, "images": sops.hexdigest(),
             "models": {role: m.sha256 for role, m in sorted(models.items())}, "settings": settings.to_json()}
 
@@ -581,10 +644,11 @@ class CascadeResult:
     threshold: float
     timings: dict[str, float]
     warnings: list[str]
+    in_domain: bool = True  # set by the validated-domain gate: outside it there is no all-clear
 
     @property
     def triage(self) -> str:
-        if self.stage2.abnormal_probability is None:
+        if self.stage2.abnormal_probability is None or not self.in_domain:
             return "indeterminate"
         return "suspicious" if self.stage2.abnormal_probability >= self.threshold else "not_suspicious"
 

@@ -64,6 +64,7 @@ class WindowSpec:
     classification: tuple[str, ...] = ()  # per-tile outputs combined by max over tiles
     batch_size: int = 1
     pad_value: float = 0.0
+    features: tuple[str, ...] = ()  # per-tile pooled features (F,), averaged over tiles (the study's description)
 
 
 def _pad(image: dict[str, np.ndarray], patch: Sequence[int], value: float) -> dict[str, np.ndarray]:
@@ -89,19 +90,23 @@ def _normaliser(shape: Sequence[int], tiles: list[tuple[int, int, int]], patch: 
 class _State:
     """The accumulators: what a preempted window saves and a resumed one loads."""
 
-    def __init__(self, next_tile: int, sums: dict[str, np.ndarray], maxima: dict[str, np.ndarray]) -> None:
+    def __init__(self, next_tile: int, sums: dict[str, np.ndarray], maxima: dict[str, np.ndarray],
+                 features: dict[str, np.ndarray] | None = None) -> None:
         self.next_tile = next_tile
         self.sums = sums
         self.maxima = maxima
+        self.features = features or {}  # running sums over tiles, float64
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {**{f"sum/{k}": v for k, v in self.sums.items()}, **{f"max/{k}": v for k, v in self.maxima.items()}}
+        return {**{f"sum/{k}": v for k, v in self.sums.items()}, **{f"max/{k}": v for k, v in self.maxima.items()},
+                **{f"feat/{k}": v for k, v in self.features.items()}}
 
     @classmethod
     def from_arrays(cls, next_tile: int, arrays: dict[str, np.ndarray]) -> _State:
         sums = {k[4:]: v for k, v in arrays.items() if k.startswith("sum/")}
         maxima = {k[4:]: v for k, v in arrays.items() if k.startswith("max/")}
-        return cls(next_tile, sums, maxima)
+        features = {k[5:]: v for k, v in arrays.items() if k.startswith("feat/")}
+        return cls(next_tile, sums, maxima, features)
 
 
 def _resume(store: CheckpointStore | None, name: str, fingerprint: dict) -> _State | None:
@@ -120,12 +125,18 @@ def _accumulate(state: _State, outputs: dict[str, np.ndarray], batch: list[tuple
     for b, (z, y, x) in enumerate(batch):
         for name in spec.segmentation:
             tile = np.asarray(outputs[name][b], dtype=np.float32)
-            acc = state.sums.setdefault(name, np.zeros((tile.shape[0], *shape), dtype=np.float32))
+            acc = state.sums.get(name)
+            if acc is None:  # not setdefault: its default would allocate a whole-volume array for every tile
+                acc = state.sums[name] = np.zeros((tile.shape[0], *shape), dtype=np.float32)
             acc[:, z:z + p[0], y:y + p[1], x:x + p[2]] += tile * weight
         for name in spec.classification:
             value = np.asarray(outputs[name][b], dtype=np.float32).reshape(-1)
             prev = state.maxima.get(name)
             state.maxima[name] = value if prev is None else np.maximum(prev, value)
+        for name in spec.features:
+            value = np.asarray(outputs[name][b], dtype=np.float64).reshape(-1)
+            prev = state.features.get(name)
+            state.features[name] = value if prev is None else prev + value
 
 
 def sliding_window(
@@ -141,7 +152,8 @@ def sliding_window(
     """Run `predict` over tiles of `image` (input name -> (C, Z, Y, X)); return the combined outputs.
 
     Segmentation outputs come back as (C, Z, Y, X) weighted means on the image's grid, classification
-    outputs as the per-class maximum over tiles (a lesion lives in one tile; averaging would dilute it).
+    outputs as the per-class maximum over tiles (a lesion lives in one tile; averaging would dilute it),
+    features outputs as the mean (F,) over tiles.
     Before every batch but the first the gate is asked at ``f"{safe_point}@{tile index}"``.
     """
     shape = next(iter(image.values())).shape[1:]
@@ -172,4 +184,5 @@ def sliding_window(
         acc /= norm[None]
         out[name] = acc[:, : shape[0], : shape[1], : shape[2]]
     out.update(state.maxima)
+    out.update({name: (total / len(tiles)).astype(np.float32) for name, total in state.features.items()})
     return out  # the caller drops the tile checkpoint once it has saved the stage result
