@@ -61,8 +61,78 @@ def send_folders(folders: list[Path], host: str, port: int, called_ae: str) -> i
     return sent
 
 
-def run_demo(ctx: AppContext, folders: list[Path], *, web: tuple[str, int], dicom_port: int, send: bool) -> int:
+class ScannerExam:
+    """A simulated CT exam, as a real scanner announces one: MPPS N-CREATE (IN PROGRESS) when it starts, N-SET
+    (COMPLETED) when it ends. Between the two the gate reads the scanner as busy and the worker waits with that
+    reason, which the web UI's system page and worklist show."""
+
+    STATION = "DEMO_CT"
+
+    def __init__(self, host: str, port: int, called_ae: str) -> None:
+        from pydicom.uid import generate_uid
+
+        self.host, self.port, self.called_ae = host, port, called_ae
+        self.uid = generate_uid()
+
+    def _send(self, create: bool) -> int:
+        from pydicom.dataset import Dataset
+        from pynetdicom import AE
+        from pynetdicom.sop_class import ModalityPerformedProcedureStep
+
+        ae = AE(ae_title=self.STATION)
+        ae.add_requested_context(ModalityPerformedProcedureStep)
+        assoc = ae.associate(self.host, self.port, ae_title=self.called_ae)
+        if not assoc.is_established:
+            raise RuntimeError(f"MPPS association to {self.called_ae}@{self.host}:{self.port} was not accepted")
+        ds = Dataset()
+        now = time.strftime("%Y%m%d"), time.strftime("%H%M%S")
+        try:
+            if create:
+                step = Dataset()
+                step.StudyInstanceUID, step.AccessionNumber, step.ReferencedStudySequence = "", "DEMO", []
+                step.RequestedProcedureID, step.ScheduledProcedureStepID = "DEMO", "DEMO"
+                ds.ScheduledStepAttributesSequence = [step]
+                ds.PatientName, ds.PatientID = "PHANTOM^NEXT^PATIENT", "PHANTOM-NEXT"
+                ds.PerformedProcedureStepID, ds.PerformedStationAETitle = "DEMO1", self.STATION
+                ds.PerformedProcedureStepStartDate, ds.PerformedProcedureStepStartTime = now
+                ds.PerformedProcedureStepDescription, ds.Modality = "CT ABDOMEN WO", "CT"
+                ds.PerformedProcedureStepStatus = "IN PROGRESS"
+                status, _ = assoc.send_n_create(ds, ModalityPerformedProcedureStep, self.uid)
+            else:
+                ds.PerformedProcedureStepStatus = "COMPLETED"
+                ds.PerformedProcedureStepEndDate, ds.PerformedProcedureStepEndTime = now
+                status, _ = assoc.send_n_set(ds, ModalityPerformedProcedureStep, self.uid)
+            return int(getattr(status, "Status", -1))
+        finally:
+            assoc.release()
+
+    def __enter__(self) -> ScannerExam:
+        self._send(create=True)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._send(create=False)
+
+
+def _cloud_link(ctx: AppContext, procs: list[subprocess.Popen], cloud_port: int, started: float) -> bool:
+    """The demo's cloud link "comes back" once the first study is analysed (or after two minutes): only then
+    does the fleet receiver start, so its page shows the queued findings arriving. True once it is up."""
+    first_done = ctx.store.query_one("SELECT 1 FROM jobs WHERE state = 'done' LIMIT 1") is not None
+    if not first_done and time.monotonic() - started < 120:
+        return False
+    procs.append(_service(ctx, "cloud-receiver", "--port", str(cloud_port), "--data-dir",
+                          str(ctx.data_dir / "cloud"), "--allow-any-device"))
+    _wait_port("127.0.0.1", cloud_port, procs[-1])
+    print(f"\n  cloud link is back: findings arrive, de-identified, at http://127.0.0.1:{cloud_port}/\n", flush=True)
+    return True
+
+
+def run_demo(ctx: AppContext, folders: list[Path], *, web: tuple[str, int], dicom_port: int, send: bool,
+             cloud_port: int | None = None, exam_s: float = 45.0) -> int:
+    from appliance.accounts import FIRST_ADMIN, ensure_first_admin
+
     ae_title = ctx.config.dicom.ae_title
+    password = ensure_first_admin(ctx.store)  # printed once below; `serve` then finds a user and prints nothing
     # SIGTERM (systemd, a test, `kill`) must stop the services too, as Ctrl-C does
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     procs = [
@@ -70,15 +140,34 @@ def run_demo(ctx: AppContext, folders: list[Path], *, web: tuple[str, int], dico
         _service(ctx, "serve", "--host", web[0], "--port", str(web[1])),
         _service(ctx, "worker"),
     ]
+    if cloud_port:  # results queue in the outbox while the cloud link is down (issue 12)
+        procs.append(_service(ctx, "sync", "--poll", "2"))
+    started, link_up = time.monotonic(), not cloud_port
     try:
         _wait_port("127.0.0.1", dicom_port, procs[0])
         _wait_port(web[0], web[1], procs[1])
-        if send:
-            sent = send_folders(folders, "127.0.0.1", dicom_port, ae_title)
-            print(f"sent {sent} phantom images to {ae_title} on port {dicom_port}", flush=True)
-        print(f"\n  edgescreen demo is running: open http://{web[0]}:{web[1]}/\n  {RESEARCH_USE_BANNER}\n"
+        login = (f"  log in as '{FIRST_ADMIN}' with the one-time password {password} (shown once; you choose "
+                 "your own at that login)\n" if password else "  log in with your edgescreen user\n")
+        print(f"\n  edgescreen demo is running: open http://{web[0]}:{web[1]}/\n{login}  {RESEARCH_USE_BANNER}\n"
               "  Press Ctrl-C to stop.\n", flush=True)
+        if send:
+            # the scanner is busy while it sends and for a while after (the next patient): analysis waits, and
+            # the System page says why; then the idle grace passes and the studies are analysed
+            with ScannerExam("127.0.0.1", dicom_port, ae_title):
+                print(f"  a simulated CT exam is in progress (MPPS from {ScannerExam.STATION}) for {exam_s:.0f} s: "
+                      "analysis waits for the scanner", flush=True)
+                sent = send_folders(folders, "127.0.0.1", dicom_port, ae_title)
+                print(f"  sent {sent} phantom images to {ae_title} on port {dicom_port}", flush=True)
+                deadline = time.monotonic() + exam_s
+                while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+                    time.sleep(1)
+            print("  the simulated exam ended: analyses start after the idle grace period", flush=True)
+        if cloud_port:
+            print(f"  cloud link is down: results wait in the outbox (receiver: http://127.0.0.1:{cloud_port}/)\n",
+                  flush=True)
         while all(p.poll() is None for p in procs):
+            if not link_up:
+                link_up = _cloud_link(ctx, procs, cloud_port, started)
             time.sleep(1)
         failed = [p for p in procs if p.poll() is not None]
         log.error("a demo service stopped", cmd=" ".join(failed[0].args), code=failed[0].returncode)

@@ -20,7 +20,9 @@ from appliance.logs import setup_logging
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("appliance.cli.demo", "generate phantom studies and run the whole appliance on http://127.0.0.1:8080"),
     "serve": ("appliance.cli.serve", "run the web UI (waitress)"),
-    "doctor": ("appliance.cli.doctor", "check this box: Python, packages, backends, data dir, disk, profile"),
+    "users": ("appliance.cli.users", "web UI accounts: add, list, disable, reset-password, role, API token (audited)"),
+    "doctor": ("appliance.cli.doctor", "diagnose this box: services, ports, DICOM, UPS, clock, disk, bundle, "
+               "backends, cloud, UI exposure (OK/WARN/FAIL with fixes)"),
     "phantom": ("appliance.cli.phantom", "write synthetic phantom DICOM studies (CT, mammography)"),
     "analyze": ("appliance.cli.analyze", "analyse a study (folder, zip or files): findings, key images, DICOM SEG/SR/PDF"),
     "models": ("appliance.cli.models_cmd", "evaluate the reference models; score mammograms from image files"),
@@ -29,11 +31,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quarantine": ("appliance.cli.quarantine", "list instances the DICOM service refused, with their reasons"),
     "config": ("appliance.cli.config_cmd", "validate and show the site config and hardware profile"),
     "worker": ("appliance.cli.worker", "run queued analyses whenever the scanner is idle and power allows"),
-    "jobs": ("appliance.cli.jobs", "list the job queue; mark a job urgent or run-now (audited)"),
+    "jobs": ("appliance.cli.jobs", "list the job queue; mark a job urgent or run-now; retry a failed job (audited)"),
     "scanner": ("appliance.cli.scanner", "set the scanner switch busy|idle|auto, or show what the gate sees"),
+    "scheduler": ("appliance.cli.scheduler", "pause or resume all analysis (audited), or show whether it is paused"),
     "simulate": ("appliance.cli.simulate", "replay a clinic-day trace through the real scheduler"),
     "optimize": ("appliance.cli.optimize_cmd", "quantise, compile and validate the models for this box into a signed bundle"),
     "bundle": ("appliance.cli.bundle_cmd", "verify, install, roll back or list signed model bundles"),
+    "sync": ("appliance.cli.sync", "send results out: PACS exports and de-identified cloud items (--once: then exit)"),
+    "outbox": ("appliance.cli.outbox_cmd", "list what waits to leave the box; retry a failed item (audited)"),
+    "cloud-receiver": ("appliance.cli.cloud_receiver", "run the fleet receiver (cloud side; SQLite or PostgreSQL)"),
+    "provision": ("appliance.cli.provision", "turn this box into a running appliance: config, user, keys, bundle, "
+                  "first admin, systemd units, self-test"),
+    "selftest": ("appliance.cli.selftest", "golden phantom cases through DICOM, the worker and the outputs, "
+                 "compared with the bundle's expected findings"),
+    "purge": ("appliance.cli.purge", "apply the retention policy now (--dry-run: only show what it deletes)"),
 }
 
 
@@ -43,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"Offline cancer-screening appliance. {RESEARCH_USE_BANNER}",
     )
     parser.add_argument("--version", action="version", version=f"edgescreen {__version__}")
-    parser.add_argument("--data-dir", help="data directory (default: $EDGESCREEN_DATA_DIR, config data_dir, "
-                        "~/.local/share/edgescreen)")
+    parser.add_argument("--data-dir", help="data directory (default: $EDGESCREEN_DATA_DIR, config data_dir, then "
+                        "/var/lib/edgescreen on a provisioned box, else ~/.local/share/edgescreen)")
     parser.add_argument("--config", help="site config TOML (default: $EDGESCREEN_CONFIG, /etc/edgescreen/site.toml)")
     parser.add_argument("--profile", help="hardware profile name or TOML path (overrides the config)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log level")
@@ -71,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_path = find_config(args.config)
         config = load_site_config(config_path)
         setup_logging(args.log_level or config.logging.level)
-        ctx = AppContext(config=config, data_dir=resolve_paths(args.data_dir, config),
+        ctx = AppContext(config=config, data_dir=resolve_paths(args.data_dir, config, config_path),
                          config_path=config_path, _profile_override=args.profile)
         return int(args._run(args, ctx) or 0)
     except ConfigError as exc:

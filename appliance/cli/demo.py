@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dicom-port", type=int, default=11112, help="DICOM listener port (default 11112)")
     parser.add_argument("--slices", type=int, default=120, help="slices per phantom CT (default 120)")
     parser.add_argument("--no-send", action="store_true", help="start the services without sending phantoms")
+    parser.add_argument("--exam-s", type=float, default=45.0,
+                        help="how long the simulated scanner exam (MPPS) keeps the scanner busy (default 45 s)")
+    parser.add_argument("--cloud-port", type=int, help="the demo's fleet receiver port (default: web port + 1)")
 
 
 def _generate(phantom_dir: Path, slices: int) -> list[Path]:
@@ -53,6 +56,19 @@ store_quiet_s = 5
 """
 
 
+# the demo's own fleet receiver on loopback (issue 12): a short link backoff, so findings arrive within
+# seconds of the link coming back
+DEMO_SYNC = """
+[sync]
+enabled = true
+url = "http://127.0.0.1:{port}"
+retry_base_s = 2
+retry_max_s = 8
+heartbeat_s = 30
+interval_s = 2
+"""
+
+
 def run(args: argparse.Namespace, ctx) -> int:
     from appliance.config import load_site_config
     from appliance.demo import run_demo
@@ -60,9 +76,16 @@ def run(args: argparse.Namespace, ctx) -> int:
     if ctx.config_path is None:  # a site config given with --config is used as it is
         path = ctx.data_dir / "demo-site.toml"
         ctx.data_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(DEMO_CONFIG)
+        cloud = args.cloud_port or args.port + 1
+        path.write_text(DEMO_CONFIG + DEMO_SYNC.format(port=cloud))
         ctx.config, ctx.config_path = load_site_config(path), path
     ctx.store  # noqa: B018 - create and migrate the store before the services start
     print(f"generating phantom studies in {ctx.data_dir / 'phantoms'} ...", flush=True)
     folders = _generate(ctx.data_dir / "phantoms", args.slices)
-    return run_demo(ctx, folders, web=(args.host, args.port), dicom_port=args.dicom_port, send=not args.no_send)
+    from urllib.parse import urlsplit
+
+    sync_url = urlsplit(ctx.config.sync.url or "") if ctx.config.sync.enabled else None
+    # the demo runs the receiver itself only where the config's receiver is on this machine
+    cloud_port = sync_url.port if sync_url and sync_url.hostname in ("127.0.0.1", "localhost") else None
+    return run_demo(ctx, folders, web=(args.host, args.port), dicom_port=args.dicom_port, send=not args.no_send,
+                    cloud_port=cloud_port, exam_s=args.exam_s)

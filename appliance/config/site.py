@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from typing import Literal
 
@@ -18,10 +19,30 @@ def _check_ae_title(value: str) -> str:
     return value
 
 
+def check_transport_url(value: str, name: str) -> str:
+    """Results leave the box over TLS only; plain http is accepted for loopback (tests, the demo)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError(f"{name} must be an https:// URL, not {value!r}")
+    if parts.scheme == "http":
+        host = parts.hostname
+        loopback = host == "localhost"
+        with contextlib.suppress(ValueError):  # a name, not an address
+            loopback = loopback or ipaddress.ip_address(host).is_loopback
+        if not loopback:
+            raise ValueError(f"{name} {value!r} is plain http: use https (certificates are always verified); "
+                             "http is only for loopback tests")
+    return value
+
+
 class Site(_Section):
     """Clock times (clinic hours, the UI) follow the box's own time zone, set in the OS at provisioning."""
 
     name: str = "edgescreen demo site"
+    # the site identifier given to `edgescreen provision --site-id` (issue 13): letters, digits, '.', '_', '-'
+    id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class AllowedPeer(_Section):
@@ -55,13 +76,28 @@ class Pacs(_Section):
     retry_base_s: float = Field(default=30.0, gt=0, le=86400)
     retry_max_s: float = Field(default=3600.0, gt=0, le=7 * 86400)
     timeout_s: float = Field(default=30.0, gt=0, le=600)
+    # STOW-RS authentication (HTTP basic with a password file, or a bearer token file) and TLS: certificates
+    # are always verified, against the system store or the pinned CA bundle in dicomweb_ca_file
+    dicomweb_username: str | None = None
+    dicomweb_password_file: str | None = None
+    dicomweb_token_file: str | None = None
+    dicomweb_ca_file: str | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("dicomweb_url")
+    @classmethod
+    def _dicomweb_tls(cls, value: str | None) -> str | None:
+        return None if value is None else check_transport_url(value, "dicom.pacs.dicomweb_url")
 
     @model_validator(mode="after")
     def _url_for_dicomweb(self) -> Pacs:
         if self.via != "dimse" and not self.dicomweb_url:
             raise ValueError(f"pacs.via = {self.via!r} needs pacs.dicomweb_url")
+        if (self.dicomweb_username is None) != (self.dicomweb_password_file is None):
+            raise ValueError("dicomweb_username and dicomweb_password_file go together")
+        if self.dicomweb_password_file and self.dicomweb_token_file:
+            raise ValueError("choose one of dicomweb_password_file (basic) and dicomweb_token_file (bearer)")
         return self
 
 
@@ -80,22 +116,41 @@ class Dicom(_Section):
     # rename durable with the file's fsync (ext4/xfs/btrfs journal it); "always": fsync it everywhere
     fsync_dir: Literal["auto", "always"] = "auto"
     max_associations: int = Field(default=10, ge=1, le=200)
+    # "fast": appliance.dicom.fastpath where this pynetdicom release is one it was validated against (the
+    # stock path otherwise, said in the log); "stock": always pynetdicom's own acceptor
+    receive_path: Literal["fast", "stock"] = "fast"
     pacs: Pacs | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
 
 class Web(_Section):
+    """The staff UI. It listens on loopback until a technician sets `host` (e.g. "0.0.0.0") to open it on the
+    LAN; every page but the login needs a user (`edgescreen users add`)."""
+
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
-    threads: int = Field(default=4, ge=1, le=64)
+    threads: int = Field(default=8, ge=1, le=64)
+    # show patient names and IDs as initials / last digits on the worklist (a screen the waiting room sees)
+    mask_patient: bool = False
+    session_idle_min: float = Field(default=30.0, gt=0, le=24 * 60, description="log out after this idle time")
+    upload_max_mb: int = Field(default=2048, ge=1, le=65536, description="largest browser upload (zip or folder)")
 
 
 class Triage(_Section):
-    """Operating points; None means the threshold the model card ships with."""
+    """Operating points by name, as each model card lists them (e.g. "spec99", "spec95", "spec90", "sens95");
+    None means the card's default. The pipeline refuses a name the card does not have (issue 14.5)."""
 
-    pancreas_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    mammo_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    pancreas_operating_point: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_]*$")
+    mammo_operating_point: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9_]*$")
+
+
+class RetryPolicy(_Section):
+    """Bounded retries of a job after a system error of one class (issue 16): exponential backoff with jitter."""
+
+    retries: int = Field(ge=0, le=100)
+    base_s: float = Field(gt=0, le=86400)
+    max_s: float = Field(gt=0, le=7 * 86400)
 
 
 class Scheduler(_Section):
@@ -108,6 +163,12 @@ class Scheduler(_Section):
     starvation_s: float = Field(default=6 * 3600.0, gt=0)
     lease_s: float = Field(default=120.0, gt=1, le=3600)
     max_crashes: int = Field(default=3, ge=1, le=100, description="worker deaths on one job before it is failed")
+    dicom_stale_s: float = Field(default=30.0, gt=0, le=3600,
+                                 description="the DICOM service's heartbeat older than this makes its MPPS and "
+                                             "C-STORE signals stale (the fail-safe decides)")
+    retry: dict[Literal["disk_full", "database", "io", "memory"], RetryPolicy] = Field(
+        default_factory=dict, description="per error class: retries, base_s, max_s (defaults in "
+                                          "appliance/scheduler/retry.py)")
 
 
 class Power(_Section):
@@ -131,16 +192,83 @@ class Power(_Section):
         return self
 
 
+class Deid(_Section):
+    """De-identification of what goes to the cloud: DICOM PS3.15 Annex E basic profile plus these options."""
+
+    # Retain Longitudinal Temporal Information, Modified Dates: dates shifted by a per-patient offset
+    # derived from the site secret (intervals within a patient survive); otherwise dates are removed
+    retain_dates_shifted: bool = False
+    retain_device_identity: bool = False  # station name, device serial number, detector ID, ...
+    retain_patient_characteristics: bool = False  # sex, age, size, weight, ethnic group, smoking, pregnancy
+    # the per-site secret behind UID replacement and pseudonyms (created 0600 on first use when absent);
+    # default: <data_dir>/sync/deid-secret. Keep it: a new secret maps the same study to new UIDs.
+    secret_file: str | None = None
+
+
 class Sync(_Section):
-    enabled: bool = False
-    url: str | None = None
-    send_phi: bool = False
-    interval_s: float = Field(default=300.0, gt=0)
+    enabled: bool = False  # the worker queues each finished study's cloud items (summary, SEG, SR)
+    url: str | None = None  # the fleet receiver; the environment variable EDGESCREEN_CLOUD_URL overrides it
+    device_id: str | None = None  # how the receiver names this box; default: the host name
+    token_file: str | None = None  # this device's token (from `edgescreen cloud-receiver --add-device`)
+    ca_file: str | None = None  # pinned CA bundle: only servers it signed are trusted (verification stays on)
+    send_phi: bool = False  # True sends results WITH patient identity; only where the site has agreed to it
+    deid: Deid = Field(default_factory=Deid)
+    interval_s: float = Field(default=15.0, gt=0, le=3600)  # how often the service looks for due items
+    heartbeat_s: float = Field(default=900.0, ge=10)
+    timeout_s: float = Field(default=30.0, gt=0, le=600)
+    retry_base_s: float = Field(default=5.0, gt=0, le=86400)
+    retry_max_s: float = Field(default=1800.0, gt=0, le=7 * 86400)
+    chunk_kib: int = Field(default=256, ge=4, le=65536)  # resumable upload chunk
+    max_kib_s: float | None = Field(default=None, gt=0, description="bandwidth cap in KiB/s; none: uncapped")
+    windows: list[str] = Field(default_factory=list, description='local time windows, e.g. ["22:00-06:00"]; '
+                               "empty: any time")
+    only_on_mains: bool = False  # send only while the power gate's source reports mains power
+
+    @field_validator("url")
+    @classmethod
+    def _tls(cls, value: str | None) -> str | None:
+        return None if value is None else check_transport_url(value, "sync.url")
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, value: list[str]) -> list[str]:
+        import re
+
+        for w in value:
+            if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d", w):
+                raise ValueError(f"sync window {w!r} is not HH:MM-HH:MM (local time; may wrap midnight)")
+        return value
 
     @model_validator(mode="after")
     def _url_when_enabled(self) -> Sync:
         if self.enabled and not self.url:
             raise ValueError("sync.enabled is true but sync.url is not set")
+        return self
+
+
+class Retention(_Section):
+    """What the box deletes and when (issue 13; appliance.store.retention). Nothing of a study is deleted before
+    every result of it was delivered (each PACS and cloud export sent) and reviewed by staff; the clock starts
+    at the later of the two. Applied by the worker when idle and by `edgescreen purge`."""
+
+    enabled: bool = True  # false: only `edgescreen purge` deletes, when a technician runs it
+    images_days: float = Field(default=30.0, ge=1, le=36500)  # received images, after delivered + reviewed
+    results_days: float = Field(default=365.0, ge=1, le=36500)  # SEG/SR/PDF/key images (findings rows stay)
+    audit_days: float = Field(default=3650.0, ge=365, le=36500)  # the audit trail
+    events_days: float = Field(default=90.0, ge=1, le=36500)  # scanner/power/job event log
+    quarantine_days: float = Field(default=90.0, ge=1, le=36500)  # refused instances kept for inspection
+    # images of studies no pipeline analysed (nothing to deliver or review): None keeps them until a
+    # technician deletes them
+    unanalysed_days: float | None = Field(default=None, ge=1, le=36500)
+    every_s: float = Field(default=3600.0, ge=60, le=7 * 86400)  # the worker's pass, at most this often
+
+    @model_validator(mode="after")
+    def _longer(self) -> Retention:
+        if self.results_days < self.images_days:
+            raise ValueError(f"results_days ({self.results_days:g}) must be at least images_days "
+                             f"({self.images_days:g}): results outlive the images they came from")
+        if self.audit_days < self.results_days:
+            raise ValueError(f"audit_days ({self.audit_days:g}) must be at least results_days ({self.results_days:g})")
         return self
 
 
@@ -165,4 +293,5 @@ class SiteConfig(_Section):
     power: Power = Field(default_factory=Power)
     sync: Sync = Field(default_factory=Sync)
     hardware: Hardware = Field(default_factory=Hardware)
+    retention: Retention = Field(default_factory=Retention)
     logging: Logging = Field(default_factory=Logging)

@@ -97,4 +97,107 @@ MIGRATIONS: list[str] = [
     ALTER TABLE quarantine ADD COLUMN status INTEGER;
     CREATE INDEX quarantine_received ON quarantine(received_at)
     """,
+    # 3 (issue 11, web UI): users rebuilt with the roles the clinic has (clinician, technician, admin; the
+    # old staff/radiologist become clinician), disabled and must-change flags, a chosen language; hashed API
+    # tokens; login attempts for the rate limit; indexes for the worklist (one query per page, none per row)
+    # and the audit page.
+    """
+    CREATE TABLE users_v3 (
+        username TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('clinician', 'technician', 'admin')),
+        password_hash TEXT,
+        created_at REAL NOT NULL,
+        disabled INTEGER NOT NULL DEFAULT 0,
+        must_change_password INTEGER NOT NULL DEFAULT 0,
+        password_changed_at REAL, last_login_at REAL, locale TEXT
+    );
+    INSERT INTO users_v3 (username, role, password_hash, created_at, must_change_password)
+        SELECT username, CASE role WHEN 'admin' THEN 'admin' WHEN 'technician' THEN 'technician' ELSE 'clinician' END,
+               password_hash, created_at, 1 FROM users;
+    DROP TABLE users;
+    ALTER TABLE users_v3 RENAME TO users;
+    CREATE TABLE api_tokens (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        username TEXT NOT NULL REFERENCES users(username),
+        name TEXT NOT NULL, token_hash TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL, last_used_at REAL, revoked_at REAL
+    );
+    CREATE INDEX api_tokens_user ON api_tokens(username);
+    CREATE TABLE login_attempts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL, username TEXT NOT NULL, address TEXT NOT NULL, ok INTEGER NOT NULL
+    );
+    CREATE INDEX login_attempts_user ON login_attempts(username, ts);
+    CREATE INDEX login_attempts_address ON login_attempts(address, ts);
+    CREATE INDEX studies_received ON studies(received_at);
+    CREATE INDEX jobs_study ON jobs(study_uid, id);
+    CREATE INDEX results_study ON results(study_uid);
+    CREATE INDEX audit_ts ON audit(ts);
+    CREATE INDEX audit_actor_ts ON audit(actor, ts);
+    CREATE INDEX audit_action_ts ON audit(action, ts)
+    """,
+    # 4 (issue 16, reliability; issue 13 item 7, the DICOM service heartbeat): a job's progress within its
+    # stage for the UI; bounded retries with backoff (retry counts per error class, the time before which a
+    # deferred job is not taken); indexes that keep the gate's reads and the next-job pick fast at 1 M
+    # instances; one heartbeat row per service, so the scheduler knows when the DICOM service is down.
+    """
+    ALTER TABLE jobs ADD COLUMN progress REAL;
+    ALTER TABLE jobs ADD COLUMN retry_counts TEXT;
+    ALTER TABLE jobs ADD COLUMN not_before REAL;
+    ALTER TABLE jobs ADD COLUMN error_class TEXT;
+    CREATE INDEX jobs_queued ON jobs(run_now, urgent, priority, created_at) WHERE state = 'queued';
+    CREATE INDEX jobs_running_lease ON jobs(lease_expires) WHERE state = 'running';
+    CREATE INDEX instances_received ON instances(received_at);
+    CREATE INDEX instances_ae_received ON instances(calling_ae, received_at);
+    CREATE INDEX mpps_updated ON mpps(updated_at);
+    CREATE TABLE heartbeats (
+        service TEXT PRIMARY KEY,
+        pid INTEGER, host TEXT,
+        started_at REAL NOT NULL, beat_at REAL NOT NULL, stopped_at REAL,
+        durable_before REAL,
+        detail TEXT
+    )
+    """,
+    # 5 (issue 12, sync): outbox rows get an explicit state changed only by appliance.store.outbox.change
+    # (pending -> sending under a lease -> sent | pending again with backoff | failed; superseded for an
+    # old heartbeat), a group key that orders a study's cloud items, and the progress of a resumable upload.
+    """
+    ALTER TABLE outbox ADD COLUMN state TEXT NOT NULL DEFAULT 'pending'
+        CHECK (state IN ('pending', 'sending', 'sent', 'failed', 'superseded'));
+    ALTER TABLE outbox ADD COLUMN lease_owner TEXT;
+    ALTER TABLE outbox ADD COLUMN lease_expires REAL;
+    ALTER TABLE outbox ADD COLUMN group_key TEXT;
+    ALTER TABLE outbox ADD COLUMN progress TEXT;
+    ALTER TABLE outbox ADD COLUMN updated_at REAL;
+    UPDATE outbox SET state = 'sent' WHERE sent_at IS NOT NULL;
+    CREATE INDEX outbox_due ON outbox(state, kind, next_attempt_at);
+    CREATE INDEX outbox_group ON outbox(group_key, id) WHERE group_key IS NOT NULL
+    """,
+    # 6 (issue 11, web UI): the worklist's derived row per study (state, the job that speaks for it, worst
+    # triage, review), so a page of 10,000 studies is one indexed query. appliance.store.worklist keeps it
+    # current with triggers it installs itself (the migration runner splits on ';', which a trigger body
+    # needs) and rebuilds it whenever it installs them.
+    """
+    CREATE TABLE worklist (
+        study_uid TEXT PRIMARY KEY,
+        received_at REAL NOT NULL,
+        state TEXT NOT NULL, state_rank INTEGER NOT NULL,
+        job_id INTEGER, job_state TEXT, stage TEXT, progress REAL, pipeline TEXT,
+        waiting_reason TEXT, error TEXT, series_reason TEXT,
+        urgent INTEGER NOT NULL DEFAULT 0, run_now INTEGER NOT NULL DEFAULT 0,
+        n_jobs INTEGER NOT NULL DEFAULT 0, n_series INTEGER NOT NULL DEFAULT 0,
+        triage_rank INTEGER NOT NULL DEFAULT 0, n_results INTEGER NOT NULL DEFAULT 0,
+        n_reviewed INTEGER NOT NULL DEFAULT 0, reviewed_at REAL
+    );
+    CREATE INDEX worklist_received ON worklist(received_at);
+    CREATE INDEX worklist_state ON worklist(state, received_at);
+    CREATE INDEX worklist_triage ON worklist(triage_rank, received_at)
+    """,
+    # 7 (issue 13, retention): when a study's images and a result's output files were deleted by the
+    # retention policy (appliance.store.retention), so the UI and the audit can say "deleted on ..., by policy"
+    # rather than show a missing file.
+    """
+    ALTER TABLE studies ADD COLUMN images_purged_at REAL;
+    ALTER TABLE results ADD COLUMN outputs_purged_at REAL
+    """,
 ]
