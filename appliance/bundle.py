@@ -9,7 +9,13 @@ bundle lives here and needs only ``cryptography`` and ``pydantic``.
 Why a signature and not just checksums: the checksums live in the manifest, so anyone who can change an
 artifact can change the manifest too. The signature ties the manifest to a key made at provisioning;
 the appliance trusts the public key beside its own private key and any ``.pub`` a technician placed in
-``<data_dir>/keys/trusted/`` (for example a fleet key, so bundles built on one box install on its twins).
+``<key home>/keys/trusted/`` (for example a fleet key, so bundles built on one box install on its twins).
+
+Where the keys live (`key_home`): on a provisioned box ``/etc/edgescreen/keys/``, root-owned, outside the
+data directory; the private key is 0600 root, read only by provisioning and the optimiser (run as root),
+and the services verify with the public keys only. The data directory is writable by the network-facing
+services, so a key kept there could be read, or a key of an attacker's planted beside it. On a
+developer's machine (no provisioning) the key home is the data directory itself.
 
 Install switches bundles atomically: ``<data_dir>/bundles/<id>/`` holds each bundle, ``current`` and
 ``previous`` are symlinks replaced with ``os.replace`` of a temporary symlink, so a reader (the worker)
@@ -130,9 +136,22 @@ class Manifest(_Open):
 # ----------------------------------------------------------------------------------------------- keys
 
 
-def key_paths(data_dir: Path | str) -> tuple[Path, Path, Path]:
-    """(private key, public key beside it, trusted-keys directory) under a data dir."""
-    keys = Path(data_dir) / KEYS_DIR
+def key_home(config_path: Path | str | None, data_dir: Path | str) -> Path:
+    """The directory whose ``keys/`` holds this box's bundle keys: the site config's directory on a
+    provisioned box (the system config, or any config with ``keys/`` beside it, as provisioning writes
+    into a staging root), else the data directory (a developer's machine)."""
+    if config_path is not None:
+        config_dir = Path(config_path).resolve().parent
+        from appliance.config.load import SYSTEM_CONFIG
+
+        if (config_dir / KEYS_DIR).is_dir() or config_dir == SYSTEM_CONFIG.parent:
+            return config_dir
+    return Path(data_dir)
+
+
+def key_paths(home: Path | str) -> tuple[Path, Path, Path]:
+    """(private key, public key beside it, trusted-keys directory) under a key home (see `key_home`)."""
+    keys = Path(home) / KEYS_DIR
     return keys / PRIVATE_KEY, keys / PUBLIC_KEY, keys / TRUSTED_DIR
 
 
@@ -167,6 +186,9 @@ def load_private_key(path: Path) -> Any:
         key = load_pem_private_key(Path(path).read_bytes(), password=None)
     except FileNotFoundError:
         raise BundleError(f"{path}: signing key not found; create it with ensure_signing_key (provisioning)") from None
+    except PermissionError:
+        raise BundleError(f"{path}: permission denied; the signing key is root's: run the optimiser as root "
+                          "(sudo edgescreen optimize ...)") from None
     except (ValueError, TypeError) as exc:
         raise BundleError(f"{path}: not an unencrypted PEM private key ({exc})") from None
     if not isinstance(key, Ed25519PrivateKey):
@@ -174,11 +196,12 @@ def load_private_key(path: Path) -> Any:
     return key
 
 
-def ensure_signing_key(data_dir: Path | str) -> Path:
-    """Create this box's bundle signing key if it has none; return the private key's path.
+def ensure_signing_key(home: Path | str) -> Path:
+    """Create this box's bundle signing key under ``home`` (see `key_home`) if it has none; return its path.
 
-    The private key is written 0600 inside a 0700 directory, created with O_EXCL so two provisioning
-    runs cannot both write one; the public key beside it is what the appliance trusts by default.
+    The private key is written 0600 (created with O_EXCL so two provisioning runs cannot both write one)
+    in a directory the services may list but not write; the public key beside it, 0644, is what the
+    appliance trusts by default and all the services need.
     """
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import (
@@ -188,9 +211,9 @@ def ensure_signing_key(data_dir: Path | str) -> Path:
         PublicFormat,
     )
 
-    private, public, trusted = key_paths(data_dir)
-    private.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    trusted.mkdir(exist_ok=True, mode=0o700)
+    private, public, trusted = key_paths(home)
+    private.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    trusted.mkdir(exist_ok=True, mode=0o755)
     if not private.exists():
         key = Ed25519PrivateKey.generate()
         pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
@@ -210,13 +233,13 @@ def ensure_signing_key(data_dir: Path | str) -> Path:
     return private
 
 
-def load_trusted_keys(data_dir: Path | str) -> list[Any]:
+def load_trusted_keys(home: Path | str) -> list[Any]:
     """The keys this appliance accepts: its own (beside its private key) and ``keys/trusted/*.pub``.
 
     An unreadable or malformed trusted key is logged and skipped rather than fatal: one bad file
     dropped by a technician must not stop the box from verifying bundles signed by the others.
     """
-    _, public, trusted = key_paths(data_dir)
+    _, public, trusted = key_paths(home)
     paths = ([public] if public.is_file() else []) + sorted(trusted.glob("*.pub"))
     keys: list[Any] = []
     seen: set[str] = set()
@@ -276,7 +299,7 @@ def verify_bundle(bundle_dir: Path | str, trusted_keys: Iterable[Any] | Path | s
 
     Order matters: the signature is checked over the raw manifest bytes *before* the manifest is
     parsed, so nothing an attacker wrote is interpreted until it is known to be signed by a trusted key.
-    ``trusted_keys`` is a list of Ed25519 public keys, or a data dir to load them from.
+    ``trusted_keys`` is a list of Ed25519 public keys, or a key home (see `key_home`) to load them from.
     """
     from cryptography.exceptions import InvalidSignature
 
@@ -357,9 +380,15 @@ def current_bundle(data_dir: Path | str) -> Path | None:
     return root / target if target else None
 
 
+# Signed files written after the manifest (their own signature beside them), copied with the bundle.
+EXPECTED_FINDINGS = "selftest/expected.json"
+EXPECTED_SIGNATURE = "selftest/expected.sig"
+
+
 def _copy_bundle(src: Path, manifest: Manifest, dest: Path) -> None:
     """Copy exactly the signed files (nothing a stray editor left behind), each fsynced."""
-    for rel in [*manifest.files, MANIFEST, SIGNATURE]:
+    extra = [rel for rel in (EXPECTED_FINDINGS, EXPECTED_SIGNATURE) if (src / rel).is_file()]
+    for rel in [*manifest.files, MANIFEST, SIGNATURE, *extra]:
         target = dest / PurePosixPath(rel)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / PurePosixPath(rel), target)
@@ -370,7 +399,7 @@ def _copy_bundle(src: Path, manifest: Manifest, dest: Path) -> None:
 
 
 def install_bundle(src: Path | str, data_dir: Path | str, *, trusted_keys: Iterable[Any] | None = None,
-                   keep: int = 3) -> Path:
+                   keep: int = 3, key_home: Path | str | None = None) -> Path:
     """Verify ``src``, copy it to ``<data_dir>/bundles/<id>/`` and make it current; return its path.
 
     The copy is verified again after copying (a full disk or a bad block shows here, not at the
@@ -378,7 +407,7 @@ def install_bundle(src: Path | str, data_dir: Path | str, *, trusted_keys: Itera
     becomes ``previous`` for `rollback`. Older bundles beyond ``keep`` are removed.
     """
     data_dir = Path(data_dir)
-    keys = list(trusted_keys) if trusted_keys is not None else load_trusted_keys(data_dir)
+    keys = list(trusted_keys) if trusted_keys is not None else load_trusted_keys(key_home or data_dir)
     manifest = verify_bundle(src, keys)
     root = data_dir / BUNDLES_DIR
     root.mkdir(parents=True, exist_ok=True)
@@ -407,7 +436,8 @@ def install_bundle(src: Path | str, data_dir: Path | str, *, trusted_keys: Itera
     return dest
 
 
-def rollback(data_dir: Path | str, *, trusted_keys: Iterable[Any] | None = None) -> Manifest:
+def rollback(data_dir: Path | str, *, trusted_keys: Iterable[Any] | None = None,
+             key_home: Path | str | None = None) -> Manifest:
     """Make the previous bundle current again (and the current one previous); return its manifest.
 
     The previous bundle is verified first: rolling back onto a damaged bundle would trade a
@@ -417,7 +447,7 @@ def rollback(data_dir: Path | str, *, trusted_keys: Iterable[Any] | None = None)
     cur, prev = _link_target(root, CURRENT), _link_target(root, PREVIOUS)
     if prev is None or not (root / prev).is_dir():
         raise BundleError(f"{root}: no previous bundle to roll back to (current: {cur or 'none'})")
-    keys = list(trusted_keys) if trusted_keys is not None else load_trusted_keys(data_dir)
+    keys = list(trusted_keys) if trusted_keys is not None else load_trusted_keys(key_home or data_dir)
     manifest = verify_bundle(root / prev, keys)
     if cur:
         _point(root, PREVIOUS, cur)
@@ -438,13 +468,14 @@ class InstalledBundle:
     problem: str | None = None
 
 
-def list_bundles(data_dir: Path | str, *, verify: bool = True) -> list[InstalledBundle]:
+def list_bundles(data_dir: Path | str, *, verify: bool = True,
+                 key_home: Path | str | None = None) -> list[InstalledBundle]:
     """Installed bundles, newest first; with ``verify`` each carries the reason it would be refused."""
     root = Path(data_dir) / BUNDLES_DIR
     if not root.is_dir():
         return []
     cur, prev = _link_target(root, CURRENT), _link_target(root, PREVIOUS)
-    keys = load_trusted_keys(data_dir) if verify else []
+    keys = load_trusted_keys(key_home or data_dir) if verify else []
     found: list[InstalledBundle] = []
     for path in root.iterdir():
         if path.name.startswith(".") or path.is_symlink() or not path.is_dir():

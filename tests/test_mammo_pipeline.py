@@ -19,11 +19,12 @@ from appliance import RESEARCH_USE_BANNER
 from appliance.cli import predict_mammo
 from appliance.modelcard import load_card
 from appliance.pipeline import mammo as pipeline
+from tests.conftest import minimias_dir, requires_minimias
 
-MIAS = Path("/work/shared/data/mini-mias")
+MIAS = minimias_dir() or Path("/nonexistent")
 NORMAL, ABNORMAL = "mdb003", "mdb005"  # patient 2 (normal) and patient 3 (benign mass, left breast)
 
-pytestmark = pytest.mark.skipif(not (MIAS / "labels.csv").is_file(), reason=f"mini-MIAS not present at {MIAS}")
+pytestmark = requires_minimias
 
 
 @pytest.fixture(scope="module")

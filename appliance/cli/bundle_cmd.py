@@ -1,6 +1,7 @@
 """`edgescreen bundle verify|install|rollback|list`: manage the signed model bundles on this box.
 
-Verification trusts the public key beside this box's signing key and ``<data_dir>/keys/trusted/*.pub``.
+Verification trusts the public key beside this box's signing key and ``keys/trusted/*.pub`` in the key home
+(/etc/edgescreen on a provisioned box, the data dir elsewhere: see appliance.bundle.key_home).
 Every failure prints one line naming the bundle and the file, and exits 1: a technician reads that
 line on site, nothing else.
 """
@@ -28,7 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _summary(manifest) -> str:  # noqa: ANN001 - appliance.bundle.Manifest, imported lazily
     parts = []
     for role, m in sorted(manifest.models.items()):
-        speed = f", {m.speedup:.1f}x vs ORT FP32" if m.speedup else ""
+        extra = m.model_extra or {}
+        speed = f", {int(m.speedup * 100) / 100:.2f}x vs ORT FP32" if m.speedup else ""  # truncated, never rounded up
+        window = extra.get("window")
+        if window:
+            speed += (f" per tile; window {'x'.join(map(str, window['patch']))}, {window['batch']} tile(s) per call"
+                      + (f", {int(extra['volume_speedup'] * 100) / 100:.2f}x per volume" if extra.get("volume_speedup") else ""))
         parts.append(f"  {role}: {m.backend}/{m.device}/{m.precision}{speed}, gate {'passed' if m.gate.passed else 'FAILED'}")
     return "\n".join(parts)
 
@@ -36,10 +42,10 @@ def _summary(manifest) -> str:  # noqa: ANN001 - appliance.bundle.Manifest, impo
 def run(args: argparse.Namespace, ctx) -> int:  # noqa: ANN001 - AppContext
     from appliance.bundle import BundleError, install_bundle, list_bundles, rollback, verify_bundle
 
-    data_dir = ctx.data_dir
+    data_dir, keys = ctx.data_dir, ctx.key_home
     try:
         if args.bundle_action == "verify":
-            manifest = verify_bundle(args.path, data_dir)
+            manifest = verify_bundle(args.path, keys)
             if args.json:
                 print(json.dumps({r: m.model_dump(mode="json") for r, m in manifest.models.items()}, indent=2))
             else:
@@ -47,16 +53,17 @@ def run(args: argparse.Namespace, ctx) -> int:  # noqa: ANN001 - AppContext
                       f"{manifest.signer.fingerprint[:23]}...")
                 print(_summary(manifest))
         elif args.bundle_action == "install":
-            dest = install_bundle(args.path, data_dir, keep=args.keep)
+            dest = install_bundle(args.path, data_dir, keep=args.keep, key_home=keys)
             print(f"installed {dest.name}; it is now current")
         elif args.bundle_action == "rollback":
-            manifest = rollback(data_dir)
+            manifest = rollback(data_dir, key_home=keys)
             print(f"rolled back: {manifest.bundle_id} ({manifest.created_at}) is current again")
         else:
-            bundles = list_bundles(data_dir)
+            bundles = list_bundles(data_dir, key_home=keys)
             if args.json:
                 print(json.dumps([{**b.__dict__, "path": str(b.path)} for b in bundles], indent=2))
-            elif not bundles:
+                return 0
+            if not bundles:
                 print(f"no bundles installed in {data_dir / 'bundles'}")
             for b in bundles:
                 mark = "current " if b.current else "previous" if b.previous else "        "

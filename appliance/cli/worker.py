@@ -13,9 +13,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, ctx) -> int:
+    from appliance import sdnotify
     from appliance.scheduler.worker import Worker
 
     worker = Worker(ctx, poll_s=args.poll, once=args.once)
     worker.install_signal_handlers()
+    # systemd: ready now; the watchdog is fed while the loop or its job's safe points keep moving (a tile batch
+    # or a model load takes seconds; WatchdogSec=300 in the unit)
+    sdnotify.start_watchdog(lambda: sdnotify.loop_health(lambda: worker.alive_at, 240.0, "the worker loop"), "worker")
+    sdnotify.ready("waiting for jobs")
     worker.run_forever()
+    sdnotify.stopping()
     return 0

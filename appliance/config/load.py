@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -90,11 +92,80 @@ def load_profile(name_or_path: str) -> HardwareProfile:
     return _validate(HardwareProfile, _read_toml(path), path)  # type: ignore[return-value]
 
 
-def resolve_paths(data_dir_arg: str | Path | None, config: SiteConfig) -> Path:
-    """--data-dir, then $EDGESCREEN_DATA_DIR, then the config's data_dir, then ~/.local/share/edgescreen."""
-    for candidate in (data_dir_arg, os.environ.get("EDGESCREEN_DATA_DIR"), config.data_dir):
-        if candidate:
-            return Path(candidate).expanduser().resolve()
+SERVICE_USER = "edgescreen"
+STORE_FILE = "edgescreen.db"  # a directory holding it is a data directory in use
+
+
+@dataclass(frozen=True)
+class DataDirChoice:
+    """The data directory a command uses, where that choice came from, and what it was chosen over."""
+
+    path: Path
+    source: str
+    note: str | None = None
+
+
+def _current_user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def provisioned(config_path: Path | None) -> bool:
+    """A box set up by `edgescreen provision`: the system site config exists (or is the one in use)."""
+    if config_path is not None and Path(config_path).resolve() == SYSTEM_CONFIG.resolve():
+        return True
+    return SYSTEM_CONFIG.is_file()
+
+
+def _home_data_dir() -> Path:
     xdg = os.environ.get("XDG_DATA_HOME")
     base = Path(xdg) if xdg else Path.home() / ".local" / "share"
     return (base / "edgescreen").resolve()
+
+
+def choose_data_dir(data_dir_arg: str | Path | None, config: SiteConfig, config_path: Path | None = None, *,
+                    user: str | None = None) -> DataDirChoice:
+    """The one data-directory rule. Explicit first: --data-dir, then $EDGESCREEN_DATA_DIR, then the site
+    config's data_dir. Without any of them, the service's directory (/var/lib/edgescreen) on a provisioned
+    box or for the service user, whoever runs the command (a root shell must never open an empty store in
+    /root while the services write elsewhere); a developer's ~/.local/share/edgescreen everywhere else.
+
+    When another candidate also holds a store, `note` names both, so a technician who meant the other
+    one sees it on the first line instead of wondering where the studies went.
+    """
+    user = user if user is not None else _current_user()
+    where = f"the site config {config_path}" if config_path else "the site config"
+    service = (Path(config.data_dir).expanduser().resolve(), where) if config.data_dir else None
+    if service is None and (provisioned(config_path) or user == SERVICE_USER):
+        service = (SYSTEM_DATA_DIR, "the service's default")
+    candidates: list[tuple[Path, str]] = []
+    if data_dir_arg:
+        candidates.append((Path(data_dir_arg).expanduser().resolve(), "--data-dir"))
+    env = os.environ.get("EDGESCREEN_DATA_DIR")
+    if env:
+        candidates.append((Path(env).expanduser().resolve(), "$EDGESCREEN_DATA_DIR"))
+    if service is not None:
+        candidates.append(service)
+    else:
+        candidates.append((_home_data_dir(), "your home directory (no site config names a data_dir)"))
+    if service is not None:
+        candidates.append((_home_data_dir(), "your home directory"))
+    path, source = candidates[0]
+    others = [(p, s) for p, s in candidates[1:] if p != path and (p / STORE_FILE).is_file()]
+    note = None
+    if others:
+        listed = "; ".join(f"{p} ({s})" for p, s in others)
+        note = f"using data dir {path} (from {source}); not {listed}"
+    return DataDirChoice(path, source, note)
+
+
+def resolve_paths(data_dir_arg: str | Path | None, config: SiteConfig, config_path: Path | None = None) -> Path:
+    """The data directory by `choose_data_dir`; says which one on stderr when two candidates exist."""
+    choice = choose_data_dir(data_dir_arg, config, config_path)
+    if choice.note:
+        print(f"edgescreen: {choice.note}", file=sys.stderr)
+    return choice.path

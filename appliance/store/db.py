@@ -9,6 +9,7 @@ a missing or partial file.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 import time
@@ -97,20 +98,53 @@ class Store:
         if current > len(MIGRATIONS):
             raise StoreError(f"database {self.db_path} has schema {current}, newer than this edgescreen "
                              f"({len(MIGRATIONS)}); install the newer version or restore a backup")
-        for version in range(current + 1, len(MIGRATIONS) + 1):
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                if self.schema_version() < version:  # another process may have migrated meanwhile
-                    for statement in MIGRATIONS[version - 1].split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version = {version}")
-                conn.execute("COMMIT")
-            except BaseException:
+        if current == len(MIGRATIONS):
+            return current
+        # Upgrade safety (issue 13): every pending migration runs in ONE transaction, so a failure anywhere leaves
+        # the database exactly as the previous version left it (and that version still runs on it); before it,
+        # a copy of the old database is kept beside it for going back to the old version after a good migration.
+        conn.execute("BEGIN IMMEDIATE")
+        version = start = self.schema_version()  # another process may have migrated meanwhile
+        try:
+            backup = self._backup(start) if 0 < start < len(MIGRATIONS) else None
+            for version in range(start + 1, len(MIGRATIONS) + 1):
+                for statement in MIGRATIONS[version - 1].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
                 conn.execute("ROLLBACK")
-                raise
-            log.info("schema migrated", version=version, db=str(self.db_path))
+            raise StoreError(f"database {self.db_path}: upgrading schema {start} to {len(MIGRATIONS)} failed at migration "
+                             f"{version} ({exc}); nothing was changed, the previous edgescreen version still runs on it. "
+                             "Reinstall that version, or free disk space and start again") from exc
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if self.schema_version() > start:
+            log.info("schema migrated", version=self.schema_version(), previous=start, db=str(self.db_path),
+                     backup=str(backup) if backup else None)
         return self.schema_version()
+
+    def _backup(self, version: int) -> Path | None:
+        """A consistent copy of the database at schema `version`, taken under our write lock through a second
+        (reading) connection: WAL lets it read the last committed state. Best effort: the single migration
+        transaction is what keeps the database safe; the copy is for going back after a successful upgrade."""
+        target = self.db_path.with_name(f"{self.db_path.name}.v{version}.bak")
+        tmp = target.with_name(target.name + ".tmp")
+        try:
+            with contextlib.closing(sqlite3.connect(self.db_path, timeout=30.0)) as src, \
+                    contextlib.closing(sqlite3.connect(tmp)) as dst:
+                src.backup(dst)
+            os.replace(tmp, target)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("no copy of the database before migrating", db=str(self.db_path), error=str(exc))
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return None
+        return target
 
     # -- recovery ---------------------------------------------------------------------------------
     def recover(self, *, remove_temp: bool = True) -> dict[str, list[str]]:
