@@ -20,6 +20,7 @@ from appliance import RESEARCH_USE_BANNER
 from models.phantom.ct import (
     LESION_CLASSES,
     ORGAN_LABELS,
+    Acquisition,
     CtPhantom,
     generate_ct_volume,
     write_ct_series,
@@ -202,3 +203,110 @@ def test_chronic_pancreatitis_shrinks_the_gland() -> None:
     normal = generate_ct_volume(30, None, matrix=96)
     cp = generate_ct_volume(30, "cp", matrix=96)
     assert cp.truth["pancreas_volume_ml"] < 0.9 * normal.truth["pancreas_volume_ml"]
+
+
+# ------------------------------------------------------------------------------------ acquisition knobs
+# Each knob is what a real site varies between series; the domain gate's shifted test sets turn them one
+# at a time, and stage 1 trains on their random mix (Acquisition.randomized). Small grids keep it fast.
+
+
+def _slab(seed: int, **knobs: object) -> CtPhantom:
+    """A 60 mm slab around the seed's pancreas on a 128 matrix, scanned with ``knobs``."""
+    z = generate_ct_volume(seed, None, matrix=16, slices=8, **knobs).truth["pancreas_z_range_mm"]
+    return generate_ct_volume(seed, None, matrix=128, z_range_mm=((z[0] + z[1]) / 2 - 30, (z[0] + z[1]) / 2 + 30), **knobs)
+
+
+def _organ_median(ph: CtPhantom, organ: str) -> float:
+    return float(np.median(ph.hu[_core(ph.labels == ORGAN_LABELS[organ], ph.spacing_mm, 3.0)]))
+
+
+def test_default_acquisition_is_the_validated_domain() -> None:
+    plain = generate_ct_volume(8, None, matrix=32, slices=20)
+    same = generate_ct_volume(8, None, matrix=32, slices=20, acquisition=Acquisition())
+    np.testing.assert_array_equal(plain.hu, same.hu)
+    assert Acquisition().in_domain and not Acquisition(kernel="sharp").in_domain
+    assert plain.truth["acquisition"]["contrast_phase"] == "non_contrast"
+    with pytest.raises(ValueError):
+        Acquisition(contrast_phase="venous")
+    with pytest.raises(ValueError):
+        generate_ct_volume(8, None, matrix=16, slices=8, acquisition=Acquisition(), kernel="soft")
+
+
+def test_contrast_phases_enhance_vessels_and_organs() -> None:
+    plain, arterial, portal = (_slab(6, contrast_phase=p) for p in ("non_contrast", "arterial", "portal_venous"))
+    assert _organ_median(plain, "aorta") < 60 < 200 < _organ_median(arterial, "aorta")
+    assert _organ_median(portal, "liver") > _organ_median(plain, "liver") + 35
+    assert _organ_median(arterial, "pancreas") > _organ_median(plain, "pancreas") + 40
+    # the anatomy does not move
+    np.testing.assert_array_equal(plain.labels, portal.labels)
+
+
+def test_kernel_sets_the_noise() -> None:
+    def liver_noise(ph: CtPhantom) -> float:
+        core = _core(ph.labels == ORGAN_LABELS["liver"], ph.spacing_mm, 6.0)
+        return float(np.std(ph.hu[core]))
+
+    soft, sharp = liver_noise(_slab(9, kernel="soft")), liver_noise(_slab(9, kernel="sharp"))
+    assert sharp > 1.8 * soft
+
+
+def test_slice_thickness_scan_range_and_child_size() -> None:
+    base = generate_ct_volume(10, None, matrix=16)
+    thin = generate_ct_volume(10, None, matrix=16, slice_thickness_mm=0.625)
+    thick = generate_ct_volume(10, None, matrix=16, slice_thickness_mm=5.0)
+    extent = base.hu.shape[0] * base.spacing_mm[0]
+    assert thin.spacing_mm[0] == pytest.approx(0.625, rel=0.01) and thick.spacing_mm[0] == pytest.approx(5.0, rel=0.02)
+    assert thin.hu.shape[0] * thin.spacing_mm[0] == pytest.approx(extent, rel=1e-6)
+    pelvis = generate_ct_volume(10, None, matrix=48, slices=60, scan_range="abdomen_pelvis")
+    chest = generate_ct_volume(10, None, matrix=48, slices=80, scan_range="chest_abdomen_pelvis")
+    p_ext = pelvis.hu.shape[0] * pelvis.spacing_mm[0]
+    c_ext = chest.hu.shape[0] * chest.spacing_mm[0]
+    assert extent + 100 < p_ext < c_ext - 150
+    # the lowest slices of the pelvic scan hold the femoral heads (bone) and no pancreas, the top of the chest lung
+    low = pelvis.hu[:4]
+    assert (low > 300).sum() > 20 and not (pelvis.labels[: pelvis.hu.shape[0] // 3] == ORGAN_LABELS["pancreas"]).any()
+    assert (chest.hu[-3:] < -700).mean() > 0.2
+    child = generate_ct_volume(10, None, matrix=64, body_scale=0.6)
+    adult = generate_ct_volume(10, None, matrix=64)
+    ratio = child.truth["pancreas_volume_ml"] / adult.truth["pancreas_volume_ml"]
+    assert 0.6**3 * 0.8 < ratio < 0.6**3 * 1.25
+    assert child.truth["patient"]["age"] < 18 and child.spacing_mm[1] < adult.spacing_mm[1]
+
+
+def test_metal_and_truncated_field_of_view() -> None:
+    metal = _slab(12, metal=True)
+    assert (metal.hu >= 3000).sum() > 10
+    plain = _slab(12)
+    body = plain.hu > -500
+    assert np.abs(metal.hu[body].astype(float) - plain.hu[body]).mean() > 10, "streaks change the body"
+    narrow = generate_ct_volume(12, None, matrix=96, slices=6, fov_mm=220)
+    corners = narrow.hu[:, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners < -950).all(), "outside the reconstruction circle there is no image (air and noise)"
+    rows = narrow.hu[3] > -500
+    assert rows[:, 1:-1].any(axis=0).sum() > 0.9 * 94, "the body fills the whole width: truncated"
+
+
+def test_shifted_series_are_valid_dicom_with_their_own_tags(tmp_path: Path) -> None:
+    z = generate_ct_volume(13, None, matrix=16, slices=8).truth["pancreas_z_range_mm"]
+    ph = generate_ct_volume(13, None, z_range_mm=(z[0], z[0] + 6), contrast_phase="portal_venous", kernel="sharp",
+                            scan_range="abdomen_pelvis")
+    paths = write_ct_series(ph, tmp_path / "shifted", 13)
+    assert dciodvfy_errors(paths[:1]) == []
+    ds = pydicom.dcmread(paths[0])
+    assert ds.ContrastBolusAgent == "IODINATED CONTRAST" and ds.ConvolutionKernel == "SHARP"
+    assert ds.BodyPartExamined == "ABDOMENPELVIS" and "CONTRAST" in ds.ProtocolName
+    plain = generate_ct_volume(13, None, z_range_mm=(z[0], z[0] + 6))
+    other = pydicom.dcmread(write_ct_series(plain, tmp_path / "plain", 13)[0])
+    assert other.StudyInstanceUID == ds.StudyInstanceUID and other.SeriesInstanceUID != ds.SeriesInstanceUID
+    assert other.ContrastBolusAgent == "" and other.ConvolutionKernel == "STANDARD"
+
+
+def test_randomized_acquisition_is_seeded_and_wide() -> None:
+    draws = [Acquisition.randomized(s) for s in range(200)]
+    assert draws[:5] == [Acquisition.randomized(s) for s in range(5)]
+    phases = {a.contrast_phase for a in draws}
+    assert phases == {"non_contrast", "arterial", "portal_venous", "delayed"}
+    assert {a.kernel for a in draws} == {"soft", "standard", "sharp"}
+    assert {a.scan_range for a in draws} == {"abdomen", "abdomen_pelvis", "chest_abdomen_pelvis"}
+    assert any(a.metal for a in draws) and any(a.fov_mm for a in draws) and any(a.body_scale < 1 for a in draws)
+    assert 0.45 < np.mean([a.contrast_phase == "non_contrast" for a in draws]) < 0.75

@@ -28,6 +28,7 @@ from models.phantom._canvas import (
     smoothstep,
     tube_from,
 )
+from models.phantom._ct_pelvis import Pelvis
 
 PANCREAS, LIVER, SPLEEN, R_KIDNEY, L_KIDNEY, AORTA, VERTEBRAE = 1, 2, 3, 4, 5, 6, 7
 SOLID_ORGANS = protect_lut(LIVER, SPLEEN, R_KIDNEY, L_KIDNEY, AORTA, VERTEBRAE)
@@ -60,6 +61,22 @@ class Tissues:
     bowel_wall: float
     stool: float
     calcification: float
+    # contrast enhancement of the blood (HU added; 0 without contrast, see _ct_acquisition.enhance)
+    artery_gain: float = 0.0
+    vein_gain: float = 0.0
+    portal_gain: float = 0.0
+
+    @property
+    def artery(self) -> float:
+        return self.blood + self.artery_gain
+
+    @property
+    def vein(self) -> float:
+        return self.blood + self.vein_gain
+
+    @property
+    def portal_blood(self) -> float:
+        return self.blood + self.portal_gain
 
     @classmethod
     def sample(cls, rng: np.random.Generator, age: int) -> Tissues:
@@ -246,6 +263,8 @@ class Abdomen:
     bowel: tuple[Loop, ...] = field(default=(), repr=False)
     organ_bumps: WaveField | None = field(default=None, repr=False)
     bone_texture: WaveField | None = field(default=None, repr=False)
+    pelvis: Pelvis | None = field(default=None, repr=False)
+    nodes: tuple[Ellipsoid, ...] = field(default=(), repr=False)
 
     # ------------------------------------------------------------------------------------- sampling
 
@@ -290,6 +309,8 @@ class Abdomen:
         ab._place_vessels(rng)
         ab._place_organs(rng)
         ab._place_pancreas(rng)
+        # the pelvis and chest from a stream of their own: the upper abdomen of every seed is unchanged
+        ab.pelvis = Pelvis.sample(np.random.default_rng([int(seed) % 2**63, 0x9E1]), ab)
         ab._place_bowel(rng)
         return ab
 
@@ -312,7 +333,7 @@ class Abdomen:
         x_ao = float(rng.uniform(8, 18))
         y_ao = y_front - r_ao - float(rng.uniform(1, 4))
         self.iliac_z = float(rng.uniform(-150, -115))
-        z_hi = self.z_top + 20
+        z_hi = self.z_dome + 330  # the vessels run on through the chest (a chest-abdomen-pelvis series)
         self.aorta = tube_from("z", [
             (self.iliac_z, x_ao - 2, y_ao - 6, r_ao * 0.85, r_ao * 0.85),
             (0.0, x_ao, y_ao, r_ao, r_ao),
@@ -529,32 +550,47 @@ class Abdomen:
         self.dj_flexure = pts[-1]
 
     def _place_bowel(self, rng: np.random.Generator) -> None:
+        """Colon, stomach, small bowel and mesentery.
+
+        Real abdomens are crowded: dozens of small-bowel loops, many collapsed to soft-tissue density
+        (30-50 HU, the pancreas' own range), others fluid-filled, gas-distended or with mixed content,
+        fill the infracolic abdomen and the pelvis and lie beside the pancreatic body and tail; the
+        stomach and duodenum may be collapsed or hold food. A model that learns the pancreas by its
+        density alone finds it on any of them, so the phantom has them all.
+        """
         ca, cf, cb = self.cav_a, self.cav_front, self.cav_back
         depth = cb - cf
-        z_bot = self.z_top - self.extent - 20
+        pel = self.pelvis
+        z_bot = pel.z_promontory - float(rng.uniform(0, 25))  # caecum and descending colon end in the iliac fossae
+        t = self.t
+        oral = rng.random() < 0.12  # positive oral contrast in this patient's small bowel
         loops: list[Loop] = []
-        # colon: ascending, hepatic flexure, transverse (sagging), splenic flexure, descending
+        # colon: ascending, hepatic flexure, transverse (sagging), splenic flexure, descending, sigmoid
         ra, rt, rdsc = rng.uniform(18, 26), rng.uniform(15, 22), rng.uniform(12, 18)
         y_lat = cf + 0.5 * depth
+        y_rect = self.y_vb + self.vb_r[1] - 12
         path = [
             (-0.7 * ca, y_lat, z_bot, ra),
             (-0.72 * ca, y_lat - 0.05 * depth, -70, ra),
             (-0.62 * ca, cf + 0.3 * depth, self._liver_floor_z(-0.62 * ca, cf + 0.3 * depth) - ra - 4, ra),
-            (-0.25 * ca, cf + rt + 4, -45 - rng.uniform(0, 30), rt),
-            (0.25 * ca, cf + rt + 4, -50 - rng.uniform(0, 30), rt),
+            (-0.25 * ca, cf + rt + 4, -45 - rng.uniform(0, 60), rt),
+            (0.25 * ca, cf + rt + 4, -50 - rng.uniform(0, 60), rt),
             (0.72 * ca, cf + 0.3 * depth, self.z_dome - 110 + rng.uniform(-10, 10), rt),
             (0.76 * ca, cf + 0.55 * depth, -60, rdsc),
             (0.66 * ca, cf + 0.5 * depth, z_bot, rdsc),
+            (0.3 * ca, cf + 0.35 * depth, pel.z_promontory - rng.uniform(30, 60), rdsc),  # sigmoid
+            (-0.05 * ca, y_rect - 10, pel.z_promontory - rng.uniform(40, 70), rdsc),
+            (0.0, y_rect, pel.z_floor + 10, rdsc * 1.1),  # rectum
+            (0.0, y_rect - 5, pel.z_floor - 30, rdsc * 0.8),
         ]
         for i in range(len(path) - 1):
             (x0, y0, z0, r0), (x1, y1, z1, r1) = path[i], path[i + 1]
             seg = Capsule((x0, y0, z0), (x1, y1, z1), float(min(r0, r1)))
             lvl = min(y0, y1) - min(r0, r1) + float(rng.uniform(4, 14))
-            loops.append(Loop(seg.split(), wall=2.0, content_hu=self.t.stool, gas_level_y=lvl,
+            stool = t.stool + float(rng.uniform(-15, 15))
+            loops.append(Loop(seg.split(), wall=2.0, content_hu=stool, gas_level_y=lvl if rng.random() < 0.8 else -1e9,
                               mottled=WaveField.random(rng, 10, (5, 18))))
-        # stomach: fundus, body, antrum with an air-fluid level
-        st_fluid = self.t.fluid + float(rng.uniform(0, 25))
-        # the stomach lies in front of the pancreatic body and above its tail (lesser sac between)
+        # stomach: fundus, body, antrum; fluid with an air-fluid level, food, or collapsed with thick folds
         p = self.pancreas
         tail_top = float(np.max(p.tube.c2 + p.tube.r2))
         f_rz = float(rng.uniform(30, 40))
@@ -569,51 +605,87 @@ class Abdomen:
         antrum = Ellipsoid((self.x_smv + 10, min(cf + 0.2 * depth, pancreas_front - 14), 22 + rng.uniform(0, 10)),
                            (rng.uniform(28, 38), rng.uniform(10, 15), rng.uniform(12, 18)), angle=-0.2)
         lvl = cf + float(rng.uniform(0.15, 0.45)) * depth
-        loops.append(Loop((fundus, body, antrum), wall=4.0, content_hu=st_fluid, gas_level_y=lvl,
-                          mottled=WaveField.random(rng, 6, (8, 20)) if rng.random() < 0.5 else None,
-                          under_diaphragm=True))
-        # small bowel: jejunum near the duodenojejunal flexure (left, beside the pancreas), ileum lower
-        n_loops = int(rng.integers(12, 26))
+        kind = rng.random()
+        if kind < 0.5:  # fluid, sometimes with food
+            loops.append(Loop((fundus, body, antrum), wall=4.0, content_hu=t.fluid + float(rng.uniform(0, 25)), gas_level_y=lvl,
+                              mottled=WaveField.random(rng, 6, (8, 20)) if rng.random() < 0.5 else None, under_diaphragm=True))
+        elif kind < 0.8:  # food: mottled soft tissue with gas bubbles
+            loops.append(Loop((fundus, body, antrum), wall=4.0, content_hu=float(rng.uniform(10, 55)), gas_level_y=lvl,
+                              mottled=WaveField.random(rng, 8, (6, 16)), under_diaphragm=True))
+        else:  # collapsed: thick rugal folds of soft tissue, a little gas or fluid in the middle
+            shrink = float(rng.uniform(0.45, 0.7))
+            parts = tuple(Ellipsoid(e.c, tuple(r * shrink for r in e.r), e.angle) for e in (fundus, body, antrum))
+            loops.append(Loop(parts, wall=float(rng.uniform(8, 14)), content_hu=t.fluid, gas_level_y=lvl,
+                              under_diaphragm=True))
+        # small bowel: jejunum near the duodenojejunal flexure (beside the pancreatic body and tail), then
+        # jejunum and ileum filling the infracolic abdomen and the pelvis down to the bladder
+        n_loops = int(rng.integers(40, 60))
         dj = np.array(self.dj_flexure)
+        y_back = max(self.y_ao - self.r_ao - 10, cf + 20)
         for i in range(n_loops):
-            r = float(rng.uniform(8, 13))
-            if i < 5:
-                p = dj + [rng.uniform(5, 45), rng.uniform(-35, -5), rng.uniform(-40, 5)]
+            r = float(rng.uniform(8, 15))
+            if i < 8:  # jejunum in the left upper quadrant, beside the pancreatic body and tail
+                q0 = dj + [rng.uniform(5, 55), rng.uniform(-35, 0), rng.uniform(-50, 15)]
+                lo = np.array([self.x_ao, cf + r + 2, -70.0])
+                hi = np.array([0.8 * ca, y_back + 30, 25.0])
             else:
-                y_lo, y_hi = cf + r + 3, max(self.y_ao - self.r_ao - 10, cf + r + 4)
-                p = np.array([rng.uniform(-0.55, 0.6) * ca, rng.uniform(y_lo, y_hi), rng.uniform(z_bot + 10, -25)])
-            pts = [p]
+                pelvic = i >= n_loops - 10
+                z_hi = pel.z_promontory - 10 if pelvic else -15.0
+                q0 = np.array([rng.uniform(-0.6, 0.6) * ca, rng.uniform(cf + r + 3, y_back + 25),
+                               rng.uniform(pel.z_femoral + 40, z_hi)])
+                lo = np.array([-0.72 * ca, cf + r + 2, pel.z_femoral + 30])
+                hi = np.array([0.72 * ca, (y_rect - 15) if pelvic else y_back + 30, z_hi])
+            pts = [q0]
             direction = rng.normal(size=3)
-            for _ in range(int(rng.integers(2, 4))):
-                direction = direction + rng.normal(0, 0.8, 3)
+            for _ in range(int(rng.integers(4, 11))):
+                direction = direction + rng.normal(0, 0.9, 3)
                 direction /= np.linalg.norm(direction)
-                pts.append(pts[-1] + direction * rng.uniform(20, 40))
-            for q in pts:
-                q[1] = np.clip(q[1], cf + r + 2, max(self.y_ao - self.r_ao - 8, cf + r + 2))
+                pts.append(np.clip(pts[-1] + direction * rng.uniform(18, 32), lo, hi))
             caps = _split(Capsule(tuple(pts[j]), tuple(pts[j + 1]), r) for j in range(len(pts) - 1))
-            kind = rng.random()
-            content = self.t.fluid + float(rng.uniform(-2, 12))
-            lvl = (min(q[1] for q in pts) - r + float(rng.uniform(2, 2 * r))) if kind < 0.25 else -1e9
-            loops.append(Loop(caps, wall=float(rng.uniform(1.5, 2.5)), content_hu=content, gas_level_y=lvl))
+            loops.append(self._small_bowel_loop(rng, caps, r, pts, oral))
         self.bowel = tuple(loops)
-        # small mesenteric vessels fanning out in front of the SMA/SMV below the pancreas
+        # small mesenteric vessels fanning out in front of the SMA/SMV below the pancreas, and lymph nodes
         mes = []
-        for _ in range(int(rng.integers(10, 22))):
-            z0 = float(rng.uniform(-110, -15))
+        for _ in range(int(rng.integers(14, 30))):
+            z0 = float(rng.uniform(-150, -15))
             a = np.array([self.x_smv + rng.uniform(-4, 16), self.y_smv - 6 - 0.15 * (-z0), z0])
-            b = a + [rng.uniform(-45, 45), rng.uniform(-35, 0), rng.uniform(-25, 10)]
+            b = a + [rng.uniform(-60, 60), rng.uniform(-35, 0), rng.uniform(-35, 10)]
             b[1] = max(b[1], cf + 6)
-            mes.append(Capsule(tuple(a), tuple(b), float(rng.uniform(1.2, 2.4))))
+            mes.append(Capsule(tuple(a), tuple(b), float(rng.uniform(1.2, 2.6))))
         self.mesenteric = tuple(mes)
+        nodes = []
+        for _ in range(int(rng.integers(4, 14))):
+            c = (float(self.x_smv + rng.uniform(-50, 60)), float(self.y_smv - rng.uniform(5, 45)), float(rng.uniform(-130, -20)))
+            nodes.append(Ellipsoid(c, (float(rng.uniform(2.5, 6)), float(rng.uniform(2, 4.5)), float(rng.uniform(3, 7)))))
+        self.nodes = tuple(nodes)
+
+    def _small_bowel_loop(self, rng: np.random.Generator, caps: tuple[Capsule, ...], r: float, pts: list, oral: bool) -> Loop:
+        """One loop's wall and content: collapsed, fluid-filled, gas-distended or mixed (feculent, oral contrast)."""
+        t = self.t
+        kind = rng.random()
+        top = min(q[1] for q in pts) - r
+        if kind < 0.4:  # collapsed: soft tissue throughout, a trace of fluid or gas in the middle
+            return Loop(caps, wall=max(r - float(rng.uniform(0.5, 2.5)), 1.5), content_hu=t.fluid,
+                        gas_level_y=top + 1.0 if rng.random() < 0.3 else -1e9)
+        if kind < 0.7:  # fluid (or oral contrast)
+            content = float(rng.uniform(150, 450)) if oral and rng.random() < 0.7 else t.fluid + float(rng.uniform(-2, 15))
+            return Loop(caps, wall=float(rng.uniform(1.5, 3.0)), content_hu=content,
+                        gas_level_y=top + float(rng.uniform(2, 2 * r)) if rng.random() < 0.35 else -1e9)
+        if kind < 0.82:  # gas-distended
+            return Loop(caps, wall=float(rng.uniform(1.2, 2.0)), content_hu=t.fluid, gas_level_y=top + 2 * r * float(rng.uniform(0.6, 1.0)))
+        # mixed, feculent content with gas bubbles (terminal ileum)
+        return Loop(caps, wall=2.0, content_hu=float(rng.uniform(0, 40)), gas_level_y=top + float(rng.uniform(1, r)),
+                    mottled=WaveField.random(rng, 8, (4, 12)))
 
     # ------------------------------------------------------------------------------------- painting
 
     def painters(self, lesion: tuple[Painter, ...] = ()) -> list[Painter]:
         """The painting steps in order; ``lesion`` goes after the gland and the duodenum, before vessels."""
         return [
-            self.paint_body, self.paint_table, self.paint_thorax, self.paint_ribs, self.paint_bowel,
+            self.paint_body, self.paint_table, self.paint_thorax, self.paint_chest, self.paint_ribs,
+            self.paint_pelvic_soft, self.paint_bowel, self.paint_bladder, self.paint_nodes,
             self.paint_liver, self.paint_spleen, self.paint_kidneys, self.paint_back_muscles, self.paint_spine,
-            self.paint_great_vessels, self.paint_pancreas, self.paint_duodenum, *lesion, self.paint_visceral_vessels,
+            self.paint_pelvic_bones, self.paint_great_vessels, self.paint_pancreas, self.paint_duodenum, *lesion, self.paint_visceral_vessels,
         ]
 
     def _layer_insets(self) -> list[tuple[float, float, float]]:
@@ -694,7 +766,7 @@ class Abdomen:
         cv.paint(blk, above & cage, self.t.lung)
         hq = self.heart.q(blk)
         cv.paint(blk, above & (hq < 1.25) & cage, self.t.visceral_fat)
-        cv.paint(blk, above & (hq < 1), self.t.blood + 3)
+        cv.paint(blk, above & (hq < 1), self.t.artery + 3)
 
     def paint_ribs(self, cv: Canvas) -> None:
         """Lower ribs: short oblique bony bars in the inner body wall, above the costal margin."""
@@ -716,6 +788,25 @@ class Abdomen:
             cartilage = (y < F32(-0.5 * self.B)) & (ax < F32(0.5 * self.A))
             hu = np.where(cartilage, F32(120.0), F32(0.5 * self.t.cortical + 0.5 * self.t.trabecular))
             cv.hu[k, yi[rib], xi[rib]] = hu[rib]
+
+    def paint_chest(self, cv: Canvas) -> None:
+        self.pelvis.paint_chest(cv, self.t, self.z_dome)
+
+    def paint_pelvic_soft(self, cv: Canvas) -> None:
+        self.pelvis.paint_soft(cv, self.t, CAVITY)
+
+    def paint_bladder(self, cv: Canvas) -> None:
+        self.pelvis.paint_bladder(cv, self.t, CAVITY)
+
+    def paint_pelvic_bones(self, cv: Canvas) -> None:
+        self.pelvis.paint_bones(cv, self.t)
+
+    def paint_nodes(self, cv: Canvas) -> None:
+        """Small mesenteric lymph nodes: soft-tissue dots in the mesenteric fat."""
+        for node in self.nodes:
+            blk = cv.block(node.bbox())
+            if blk is not None:
+                cv.paint(blk, (node.q(blk) < 1) & (cv.layers[blk.sl] == CAVITY), self.t.bowel_wall + 2)
 
     def paint_bowel(self, cv: Canvas) -> None:
         for loop in self.bowel:
@@ -747,7 +838,7 @@ class Abdomen:
             blk = cv.block(vein.bbox())
             if blk is not None:
                 mask = (vein.sdf(blk) < 0) & (cv.labels[blk.sl] == LIVER)
-                cv.paint(blk, mask, self.t.blood, LIVER)
+                cv.paint(blk, mask, self.t.portal_blood, LIVER)
         if self.gallbladder is not None:
             blk = cv.block(self.gallbladder.bbox())
             if blk is not None:
@@ -795,13 +886,14 @@ class Abdomen:
                 rx, ry = F32(18) * grow, F32(10) * grow
                 q = ((blk.x - cx) / rx) ** 2 + ((blk.y - F32(y_front + 6)) / ry) ** 2
                 cv.paint(blk, (q < 1) & (cv.labels[blk.sl] == 0), mus)
-        blk = cv.block((-90, 90, self.y_vb - 45, self.y_vb + 40, -1e4, -5))
+        blk = cv.block((-140, 140, self.y_vb - 60, self.y_vb + 40, self.pelvis.z_femoral, -5))
         if blk is None:
             return
         r = F32(22) * np.clip((F32(-5) - blk.z) / F32(110), 0.05, 1.0)
+        lateral = np.clip((F32(self.pelvis.z_promontory) - blk.z) * F32(0.5), 0, 50)
         for side in (-1, 1):
-            cx = side * (vb_rx + r * 0.85 + 1)
-            q = ((blk.x - cx) / r) ** 2 + ((blk.y - F32(self.y_vb)) / (r * 0.9)) ** 2
+            cx = side * (vb_rx + r * 0.85 + 1 + lateral)
+            q = ((blk.x - cx) / r) ** 2 + ((blk.y - F32(self.y_vb) + lateral * F32(0.6)) / (r * 0.9)) ** 2
             cv.paint(blk, q < 1, mus)
 
     def _vertebral_level(self, z: np.ndarray) -> np.ndarray:
@@ -813,7 +905,8 @@ class Abdomen:
         """Vertebral bodies (cortex + textured trabecular bone), discs, arch, processes, canal."""
         vb_rx, vb_ry = self.vb_r
         yv, t = self.y_vb, self.t
-        blk = cv.block((-vb_rx - 2, vb_rx + 2, yv - vb_ry - 2, yv + vb_ry + 2, -1e4, 1e4))
+        z_low = self.pelvis.z_promontory  # below it: the sacrum (painted with the pelvis)
+        blk = cv.block((-vb_rx - 2, vb_rx + 2, yv - vb_ry - 2, yv + vb_ry + 2, z_low, 1e4))
         if blk is not None:
             frac = self._vertebral_level(blk.z)
             in_body = frac < F32(self.vb_height)
@@ -825,7 +918,7 @@ class Abdomen:
             cv.paint(blk, body, t.trabecular + 25 * self.bone_texture(blk), VERTEBRAE)
             cv.paint(blk, body & ((q > (1 - 1.8 / vb_ry) ** 2) | endplate), t.cortical, VERTEBRAE)
         yc = yv + vb_ry + 10  # spinal canal centre
-        blk = cv.block((-30, 30, yv + vb_ry - 2, yc + 40, -1e4, 1e4))
+        blk = cv.block((-30, 30, yv + vb_ry - 2, yc + 40, z_low - 20, 1e4))
         if blk is None:
             return
         frac = self._vertebral_level(blk.z)
@@ -840,7 +933,7 @@ class Abdomen:
 
     def paint_great_vessels(self, cv: Canvas) -> None:
         t = self.t
-        for tube, hu, label in ((self.ivc, t.blood - 2, 0), (self.aorta, t.blood, AORTA)):
+        for tube, hu, label in ((self.ivc, t.vein - 2, 0), (self.aorta, t.artery, AORTA)):
             blk = cv.block(tube.bbox(1))
             if blk is not None:
                 cv.paint(blk, tube.q(blk) < 1, hu, label)
@@ -856,7 +949,7 @@ class Abdomen:
                 cx = F32(self.x_ao - 2) + side * (F32(4) + F32(0.45) * dz)
                 cy = F32(self.y_ao - 6) - F32(0.15) * dz
                 q = ((blk.x - cx) / F32(self.r_ao * 0.7)) ** 2 + ((blk.y - cy) / F32(self.r_ao * 0.7)) ** 2
-                cv.paint(blk, q < 1, t.blood, AORTA)
+                cv.paint(blk, q < 1, t.artery, AORTA)
 
     def paint_pancreas(self, cv: Canvas) -> None:
         """The gland (lobulated, fatty clefts), its duct, any calcifications, and the bile duct."""
@@ -882,8 +975,8 @@ class Abdomen:
         """SMA (with its fat collar), SMV, splenic vessels, left renal vein, portal and mesenteric veins."""
         t = self.t
         keep = protect_lut(AORTA, VERTEBRAE, L_KIDNEY, R_KIDNEY, SPLEEN)
-        for tube, hu in ((self.sma, t.blood), (self.smv, t.blood - 1), (self.splenic_vein, t.blood - 1),
-                         (self.splenic_artery, t.blood), (self.renal_vein, t.blood - 1)):
+        for tube, hu in ((self.sma, t.artery), (self.smv, t.portal_blood - 1), (self.splenic_vein, t.portal_blood - 1),
+                         (self.splenic_artery, t.artery), (self.renal_vein, t.vein - 1)):
             blk = cv.block(tube.bbox(3 if tube is self.sma else 1))
             if blk is None:
                 continue
@@ -894,7 +987,7 @@ class Abdomen:
         for cap in (*self.portal, *self.mesenteric):
             blk = cv.block(cap.bbox())
             if blk is not None:
-                cv.paint(blk, cap.sdf(blk) < 0, t.blood - 1, 0, protect=keep if cap in self.portal else SOLID_ORGANS)
+                cv.paint(blk, cap.sdf(blk) < 0, t.portal_blood - 1, 0, protect=keep if cap in self.portal else SOLID_ORGANS)
 
 
 CAVITY, RIB_ZONE = 5, 4

@@ -17,7 +17,7 @@ import json
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,16 @@ from scipy import ndimage
 from appliance import RESEARCH_USE_BANNER
 from models.phantom import _dicom
 from models.phantom._canvas import Canvas, Painter
+from models.phantom._ct_acquisition import (
+    CONTRAST_PHASES,
+    KERNEL_NOISE,
+    KERNELS,
+    SCAN_RANGES,
+    Acquisition,
+    enhance,
+)
 from models.phantom._ct_anatomy import Abdomen
+from models.phantom._ct_artefacts import metal_painter, post_process
 from models.phantom._ct_lesions import LESION_CLASSES, LesionModel, sample_lesion
 
 ORGAN_LABELS: dict[str, int] = {
@@ -40,7 +49,10 @@ ORGAN_LABELS: dict[str, int] = {
     "aorta": 6,
     "vertebrae": 7,
 }
-__all__ = ["LESION_CLASSES", "ORGAN_LABELS", "CtPhantom", "generate_ct_volume", "write_ct_series", "write_ct_study"]
+__all__ = [
+    "CONTRAST_PHASES", "KERNELS", "LESION_CLASSES", "ORGAN_LABELS", "SCAN_RANGES", "Acquisition", "CtPhantom",
+    "generate_ct_volume", "write_ct_series", "write_ct_study",
+]
 
 HU_MIN, HU_MAX = -1024, 3071  # 12-bit storage with RescaleIntercept -1024
 CHUNK_VOXELS = 1 << 22  # ~4 M voxels per rendering chunk: bounded memory, cache-friendly
@@ -71,41 +83,51 @@ class _Grid:
     origin: tuple[float, float, float]
     native_pixel_mm: float
     offset: tuple[float, float, float]
+    scale: float = 1.0  # patient mm per anatomical mm (a child is a scaled adult)
+
+    def patient_of(self, anat_xyz: tuple[float, float, float]) -> tuple[float, float, float]:
+        return tuple(a * self.scale + o for a, o in zip(anat_xyz, self.offset, strict=True))  # type: ignore[return-value]
 
     def voxel_of(self, anat_xyz: tuple[float, float, float]) -> list[float]:
-        x, y, z = (a + o for a, o in zip(anat_xyz, self.offset, strict=True))
+        x, y, z = self.patient_of(anat_xyz)
         dz, dy, dx = self.spacing
         return [(z - self.origin[2]) / dz, (y - self.origin[1]) / dy, (x - self.origin[0]) / dx]
 
 
-def _grid(ab: Abdomen, matrix: int, slices: int | None, z_range_mm: tuple[float, float] | None) -> _Grid:
-    """The sampling grid over the seed's own field of view and z extent (never the anatomy)."""
+def _grid(ab: Abdomen, matrix: int, slices: int | None, z_range_mm: tuple[float, float] | None,
+          scale: float = 1.0) -> _Grid:
+    """The sampling grid over the scan's field of view and z extent (never the anatomy).
+
+    ``ab.fov`` and ``ab.thickness`` are patient mm; ``ab.extent`` and ``ab.z_top`` anatomical mm, which
+    ``scale`` turns into patient mm (a child is the seed's adult, scaled).
+    """
     if matrix < 8:
         raise ValueError(f"matrix must be at least 8, got {matrix}")
-    n = ab.n_slices if slices is None else int(slices)
+    n = max(1, int(round(ab.extent * scale / ab.thickness))) if slices is None else int(slices)
     if n < 1:
         raise ValueError(f"slices must be positive, got {slices}")
     ox, oy, oz = ab.body_offset
     px = ab.fov / matrix
     centres = -ab.fov / 2 + (np.arange(matrix) + 0.5) * px  # patient x/y of pixel centres (FOV at 0,0)
-    dz = ab.extent / n
+    dz = ab.extent / n  # anatomical mm
     z_bottom = ab.z_top - ab.extent
     z = z_bottom + (np.arange(n) + 0.5) * dz
     if z_range_mm is not None:
         lo, hi = sorted(float(v) for v in z_range_mm)
-        keep = (z + oz >= lo - 1e-6) & (z + oz <= hi + 1e-6)
+        zp = z * scale + oz
+        keep = (zp >= lo - 1e-6) & (zp <= hi + 1e-6)
         if not keep.any():
-            raise ValueError(f"z_range_mm {z_range_mm} misses the scan ({z[0] + oz:.1f} to {z[-1] + oz:.1f} mm)")
+            raise ValueError(f"z_range_mm {z_range_mm} misses the scan ({zp[0]:.1f} to {zp[-1]:.1f} mm)")
         z = z[keep]
-    origin = (float(centres[0]), float(centres[0]), float(z[0] + oz))
+    origin = (float(centres[0]), float(centres[0]), float(z[0] * scale + oz))
     return _Grid(
-        x=centres - ox, y=centres - oy, z=z, spacing=(float(dz), float(px), float(px)), origin=origin,
-        native_pixel_mm=ab.fov / 512, offset=(ox, oy, oz),
+        x=(centres - ox) / scale, y=(centres - oy) / scale, z=z, spacing=(float(dz * scale), float(px), float(px)),
+        origin=origin, native_pixel_mm=ab.fov / 512, offset=(ox, oy, oz), scale=scale,
     )
 
 
 def _noise_plan(ab: Abdomen, grid: _Grid) -> tuple[float, float]:
-    """(blur sigma in pixels, white-noise scale) giving the seed's noise sigma after the blur.
+    """(blur sigma in pixels, white-noise scale) giving the scan's noise sigma after the blur.
 
     Coarser grids than the native 512 matrix mimic block-averaging: the noise shrinks with the pixel.
     """
@@ -120,6 +142,16 @@ def _noise_plan(ab: Abdomen, grid: _Grid) -> tuple[float, float]:
     return blur, sigma_hu / float(np.sqrt((kernel**2).sum()))
 
 
+def _z_blur_sigma(thickness_mm: float, dz_mm: float) -> float:
+    """Partial volume along z: a slice of ``thickness`` sampled every ``dz`` averages a box of that width.
+
+    A box's standard deviation is width / sqrt(12); below 0.3 voxels it changes nothing worth a pass
+    (the seed's own grid, where dz equals the thickness).
+    """
+    sigma = thickness_mm / np.sqrt(12.0) / dz_mm
+    return float(sigma) if sigma >= 0.3 else 0.0
+
+
 def _render_chunk(
     painters: list[Painter],
     grid: _Grid,
@@ -127,13 +159,29 @@ def _render_chunk(
     noise_seed: list[int],
     plan: tuple[float, float],
     shared: dict | None = None,
+    acq: Acquisition | None = None,
+    z_sigma: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Paint one z-chunk, add correlated noise and the scanner blur, quantise to int16 HU."""
-    cv = Canvas(grid.x, grid.y, grid.z[zsl], shared)
+    """Paint one z-chunk, apply the acquisition's effects, add correlated noise and the scanner blur.
+
+    With partial volume along z (``z_sigma`` voxels) the chunk is painted with a margin of slices on
+    both sides, blurred along z, and the margin dropped, so chunk seams never show.
+    """
+    dz = grid.z[1] - grid.z[0] if len(grid.z) > 1 else 1.0
+    margin = int(np.ceil(3 * z_sigma)) if z_sigma else 0
+    idx = np.arange(zsl.start - margin, zsl.stop + margin)
+    cv = Canvas(grid.x, grid.y, grid.z[0] + idx * dz, shared)
     for paint in painters:
         paint(cv)
+    acq = acq or Acquisition()
+    post_process(cv, acq, grid.spacing[1], len(grid.x) * grid.spacing[1], grid.scale, grid.offset)
+    hu, labels, lesion = cv.hu, cv.labels, cv.lesion
+    if margin:
+        hu = ndimage.gaussian_filter1d(hu, z_sigma, axis=0, mode="nearest", truncate=3.0)[margin:-margin]
+        labels, lesion = labels[margin:-margin], lesion[margin:-margin]
+    hu = np.ascontiguousarray(hu)
     blur, scale = plan
-    hu, rng = cv.hu, np.random.default_rng(noise_seed)
+    rng = np.random.default_rng(noise_seed)
     if blur >= 1.0:
         # uniform noise: 4x cheaper to draw than normal, and a blur over >= 9x9 pixels makes it
         # Gaussian (central limit); the blur is also the scanner's resolution, applied to the image
@@ -149,7 +197,7 @@ def _render_chunk(
         hu = noise
     np.rint(hu, out=hu)
     np.clip(hu, HU_MIN, HU_MAX, out=hu)
-    return hu.astype(np.int16), cv.labels, cv.lesion
+    return hu.astype(np.int16), np.ascontiguousarray(labels), np.ascontiguousarray(lesion)
 
 
 _BLAS_LOCK = threading.Lock()
@@ -189,6 +237,8 @@ def generate_ct_volume(
     slices: int | None = None,
     matrix: int = 512,
     z_range_mm: tuple[float, float] | None = None,
+    acquisition: Acquisition | None = None,
+    **knobs: object,
 ) -> CtPhantom:
     """Render the seed's patient (optionally with one lesion of ``LESION_CLASSES``) on a grid.
 
@@ -196,26 +246,35 @@ def generate_ct_volume(
     ``matrix`` and ``slices`` only resample the same FOV and z extent (``slices=None``: the seed's own
     slice count), and ``z_range_mm`` (patient z, mm) keeps only the grid's slices inside it. The same
     seed with and without a lesion is the same patient, which makes paired training data.
+
+    ``acquisition`` (or its fields as keywords: ``contrast_phase``, ``kernel``, ``slice_thickness_mm``,
+    ``metal``, ``fov_mm``, ``body_scale``, ``scan_range``, ``noise_scale``, ``hu_offset``) says how the
+    patient is scanned; the default is the validated domain (see ``_ct_acquisition.Acquisition``).
     """
     if lesion is not None and lesion not in LESION_CLASSES:
         raise ValueError(f"unknown lesion class {lesion!r}; use one of {LESION_CLASSES} or None")
-    ab = Abdomen.sample(seed)
+    if acquisition is not None and knobs:
+        raise ValueError("pass either acquisition or its fields as keywords, not both")
+    acq = acquisition if acquisition is not None else Acquisition(**knobs)  # type: ignore[arg-type]
+    ab = scanned(Abdomen.sample(seed), acq, seed)
     model: LesionModel | None = sample_lesion(seed, lesion, ab) if lesion else None
     scene = model.abdomen if model else ab
-    painters = scene.painters(model.painters if model else ())
-    grid = _grid(ab, matrix, slices, z_range_mm)
+    extra = [metal_painter(scene, seed)] if acq.metal else []
+    painters = scene.painters(model.painters if model else ()) + extra
+    grid = _grid(ab, matrix, slices, z_range_mm, acq.body_scale)
     nz, ny, nx = len(grid.z), len(grid.y), len(grid.x)
     hu = np.empty((nz, ny, nx), dtype=np.int16)
     labels = np.empty((nz, ny, nx), dtype=np.uint8)
     les = np.empty((nz, ny, nx), dtype=np.uint8)
     step = max(1, CHUNK_VOXELS // (ny * nx))
     plan = _noise_plan(ab, grid)
+    z_sigma = _z_blur_sigma(ab.thickness, grid.spacing[0])
     chunks = [slice(s, min(s + step, nz)) for s in range(0, nz, step)]
     shared: dict = {}  # in-plane terms (texture fields, body outline) reused by every chunk
 
     def work(zsl: slice) -> None:
         noise_seed = [int(seed) % 2**63, 0x4E01, nz, nx, zsl.start]
-        hu[zsl], labels[zsl], les[zsl] = _render_chunk(painters, grid, zsl, noise_seed, plan, shared)
+        hu[zsl], labels[zsl], les[zsl] = _render_chunk(painters, grid, zsl, noise_seed, plan, shared, acq, z_sigma)
 
     with _one_blas_thread():
         if len(chunks) > 1:
@@ -223,12 +282,35 @@ def generate_ct_volume(
                 list(pool.map(work, chunks))
         else:
             work(chunks[0])
-    truth = _truth(seed, ab, scene, model, grid, labels, les)
+    truth = _truth(seed, ab, scene, model, grid, labels, les, acq)
     return CtPhantom(hu, labels, les, grid.spacing, grid.origin, lesion, truth)
 
 
+def scanned(ab: Abdomen, acq: Acquisition, seed: int) -> Abdomen:
+    """The patient as this acquisition sees it: enhanced tissues, slice thickness, noise, FOV, z range."""
+    if acq == Acquisition():
+        return ab
+    t, pancreas_hu = enhance(ab.t, ab.pancreas.hu, acq.contrast_phase, seed)
+    thickness = float(acq.slice_thickness_mm) if acq.slice_thickness_mm is not None else ab.thickness
+    corr_f, sigma_f, _ = KERNEL_NOISE[acq.kernel]
+    sigma = ab.noise_sigma * (ab.thickness / thickness) ** 0.35 * sigma_f * acq.noise_scale * acq.body_scale ** 0.5
+    z_top, extent = ab.z_top, ab.extent
+    rng = np.random.default_rng([int(seed) % 2**63, 0x5CA])
+    if acq.scan_range != "abdomen":
+        bottom = ab.pelvis.z_floor - float(rng.uniform(0, 20))
+        if acq.scan_range == "chest_abdomen_pelvis":
+            z_top = ab.z_dome + float(rng.uniform(190, 250))
+        extent = z_top - bottom
+    fov = float(acq.fov_mm) if acq.fov_mm is not None else ab.fov * acq.body_scale
+    return replace(
+        ab, t=t, pancreas=replace(ab.pancreas, hu=pancreas_hu), thickness=thickness, noise_sigma=float(np.clip(sigma, 4, 60)),
+        noise_corr_mm=ab.noise_corr_mm * corr_f, z_top=z_top, extent=extent, fov=fov,
+    )
+
+
 def _truth(
-    seed: int, ab: Abdomen, scene: Abdomen, model: LesionModel | None, grid: _Grid, labels: np.ndarray, les: np.ndarray
+    seed: int, ab: Abdomen, scene: Abdomen, model: LesionModel | None, grid: _Grid, labels: np.ndarray, les: np.ndarray,
+    acq: Acquisition,
 ) -> dict:
     """Ground truth: what a reader should find, in patient mm and in voxels of this grid."""
     voxel_ml = float(np.prod(grid.spacing)) / 1000.0
@@ -238,21 +320,27 @@ def _truth(
         "lesion_class": model.cls if model else None,
         "lesion_location": model.location if model else None,
         "lesion_diameter_mm": round(model.diameter, 2) if model else None,
-        "lesion_centre_mm": [round(c + o, 2) for c, o in zip(model.centre, grid.offset, strict=True)] if model else None,
+        "lesion_centre_mm": [round(c, 2) for c in grid.patient_of(model.centre)] if model else None,
         "lesion_centre_voxel": [round(v, 2) for v in grid.voxel_of(model.centre)] if model else None,
         "lesion_volume_ml": round(np.count_nonzero(les) * voxel_ml, 3),
         "pancreas_volume_ml": round(np.count_nonzero(labels == ORGAN_LABELS["pancreas"]) * voxel_ml, 2),
-        "pancreas_z_range_mm": [round(z0 + grid.offset[2], 1), round(z1 + grid.offset[2], 1)],
+        "pancreas_z_range_mm": [round(z0 * grid.scale + grid.offset[2], 1), round(z1 * grid.scale + grid.offset[2], 1)],
         "labels": {"0": "background", **{str(v): k for k, v in ORGAN_LABELS.items()}},
         "shape_zyx": [int(s) for s in labels.shape],
         "spacing_mm_zyx": [round(s, 6) for s in grid.spacing],
         "origin_mm_xyz": [round(o, 4) for o in grid.origin],
         "slice_thickness_mm": ab.thickness,
-        "patient": {"age": ab.age, "sex": ab.sex},
+        "patient": {"age": ab.age if acq.body_scale >= 0.9 else child_age(acq.body_scale), "sex": ab.sex},
         "noise_sigma_hu": round(ab.noise_sigma, 2),
+        "acquisition": acq.describe(),
         "notes": "labels: pancreas (1) includes the lesion; lesion marks lesion voxels. " + RESEARCH_USE_BANNER,
     }
     return truth
+
+
+def child_age(body_scale: float) -> int:
+    """A plausible age (years) for a child whose body is ``body_scale`` of the seed's adult."""
+    return int(np.clip(round(2 + (body_scale - 0.3) * 25), 1, 17))
 
 
 # --------------------------------------------------------------------------------------------- DICOM
@@ -260,7 +348,10 @@ def _truth(
 
 def _series_identity(phantom: CtPhantom, seed: int) -> dict[str, str]:
     lesion = phantom.lesion_class or "none"
-    grid_key = (phantom.hu.shape, phantom.spacing_mm, phantom.origin_mm)
+    grid_key: tuple = (phantom.hu.shape, phantom.spacing_mm, phantom.origin_mm)
+    acq = _acquisition_of(phantom)
+    if acq != Acquisition():  # another series of the same study: its own UIDs (the default keeps its old ones)
+        grid_key = (*grid_key, tuple(sorted(acq.describe().items())))
     return {
         "study": _dicom.uid("ct", seed, lesion, "study"),
         "frame": _dicom.uid("ct", seed, lesion, "frame"),
@@ -275,15 +366,27 @@ def _slice_template(phantom: CtPhantom, seed: int, ids: dict[str, str]) -> Datas
     truth = phantom.truth
     date, _ = _dicom.study_datetime("CT", seed)
     _dicom.patient_module(template, "CT", seed, truth["patient"]["sex"], truth["patient"]["age"], date)
-    _dicom.study_module(template, "CT", seed, ids["study"], "CT ABDOMEN WO CONTRAST")
+    contrast = _acquisition_of(phantom).contrast_phase != "non_contrast"
+    _dicom.study_module(template, "CT", seed, ids["study"], "CT ABDOMEN W CONTRAST" if contrast else "CT ABDOMEN WO CONTRAST")
     _dicom.equipment_module(template, "PHANTOM-CT")
     for key, value in _shared_attributes(phantom, seed, ids).items():
         setattr(template, key, value)
     return template
 
 
+def _acquisition_of(phantom: CtPhantom) -> Acquisition:
+    return Acquisition(**phantom.truth.get("acquisition", {}))
+
+
+BODY_PART = {"abdomen": "ABDOMEN", "abdomen_pelvis": "ABDOMENPELVIS", "chest_abdomen_pelvis": "CHESTABDPELVIS"}
+PHASE_DESCRIPTION = {"non_contrast": "WO CONTRAST", "arterial": "W CONTRAST ARTERIAL", "portal_venous": "W CONTRAST PORTAL VENOUS",
+                     "delayed": "W CONTRAST DELAYED"}
+
+
 def _shared_attributes(phantom: CtPhantom, seed: int, ids: dict[str, str]) -> dict[str, object]:
     dz, dy, dx = phantom.spacing_mm
+    acq = _acquisition_of(phantom)
+    protocol = f"{BODY_PART[acq.scan_range]} {PHASE_DESCRIPTION[acq.contrast_phase]}"
     # the seed's reconstruction thickness; a coarser resampling reads as thicker slices
     thickness = max(float(phantom.truth.get("slice_thickness_mm", dz)), round(dz, 4))
     date, time = _dicom.study_datetime("CT", seed)
@@ -296,9 +399,9 @@ def _shared_attributes(phantom: CtPhantom, seed: int, ids: dict[str, str]) -> di
         "SeriesDate": date,
         "SeriesTime": time,
         "SeriesDescription": f"Axial {thickness:.1f}mm",
-        "BodyPartExamined": "ABDOMEN",
+        "BodyPartExamined": BODY_PART[acq.scan_range],
         "PatientPosition": "FFS" if seed % 3 == 0 else "HFS",
-        "ProtocolName": "ABDOMEN WO CONTRAST",
+        "ProtocolName": protocol,
         "FrameOfReferenceUID": ids["frame"],
         "PositionReferenceIndicator": "",
         "AcquisitionNumber": 1,
@@ -327,12 +430,12 @@ def _shared_attributes(phantom: CtPhantom, seed: int, ids: dict[str, str]) -> di
         "KVP": kvp,
         "XRayTubeCurrent": 150 + (seed % 7) * 25,
         "ExposureTime": 500,
-        "ConvolutionKernel": "STANDARD",
+        "ConvolutionKernel": acq.kernel.upper(),
         "ReconstructionDiameter": round(dx * phantom.hu.shape[2], 3),
         "GantryDetectorTilt": 0,
         "RotationDirection": "CW",
         "ScanOptions": "HELICAL",
-        "ContrastBolusAgent": "",
+        "ContrastBolusAgent": "" if acq.contrast_phase == "non_contrast" else "IODINATED CONTRAST",
         "LossyImageCompression": "00",
         "ImageComments": RESEARCH_USE_BANNER,
     }
@@ -374,14 +477,17 @@ def write_ct_series(phantom: CtPhantom, out_dir: Path, seed: int) -> list[Path]:
     return paths
 
 
-def write_ct_study(out_dir: Path, seed: int, lesion: str | None = None, slices: int | None = None) -> CtPhantom:
+def write_ct_study(out_dir: Path, seed: int, lesion: str | None = None, slices: int | None = None,
+                   acquisition: Acquisition | None = None, **knobs: object) -> CtPhantom:
     """Render the seed's full 512x512 series, write it as DICOM, and put the truth beside it.
+
+    ``acquisition`` / ``knobs`` as for ``generate_ct_volume`` (a shifted acquisition for the domain gate).
 
     ``out_dir`` gets ``CT0001.dcm`` ... plus ``truth.json`` and ``truth.npz`` (``labels``, ``lesion``,
     uint8 on the slices' grid); non-DICOM names, so DICOM readers that filter by content skip them.
     """
     out_dir = Path(out_dir)
-    phantom = generate_ct_volume(seed, lesion, slices=slices)
+    phantom = generate_ct_volume(seed, lesion, slices=slices, acquisition=acquisition, **knobs)
     write_ct_series(phantom, out_dir, seed)
     (out_dir / "truth.json").write_text(json.dumps(phantom.truth, indent=2) + "\n")
     np.savez_compressed(out_dir / "truth.npz", labels=phantom.labels, lesion=phantom.lesion)

@@ -45,7 +45,8 @@ def phantom_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
-CT_SOURCES = ("ct.py", "_canvas.py", "_ct_anatomy.py", "_ct_lesions.py")
+CT_SOURCES = ("ct.py", "_canvas.py", "_ct_anatomy.py", "_ct_lesions.py", "_ct_acquisition.py", "_ct_artefacts.py",
+              "_ct_pelvis.py")
 # Training and evaluation use renders of the current generator only. EDGESCREEN_CT_STRICT=0 lets a
 # quick experiment reuse renders of an earlier revision (never for shipped models or the report).
 STRICT = os.environ.get("EDGESCREEN_CT_STRICT", "1") == "1"
@@ -94,16 +95,22 @@ def _cached(kind: str, seed: int, lesion: str | None, build) -> dict[str, np.nda
     return arrays
 
 
-def stage1_volume(seed: int, lesion: str | None) -> dict[str, np.ndarray]:
+def stage1_volume(seed: int, lesion: str | None, randomized: bool = False) -> dict[str, np.ndarray]:
     """Whole-abdomen study at stage 1 spacing: ``hu`` (int16), ``labels`` (uint8) and facts for later crops.
+
+    ``randomized``: scanned with ``Acquisition.randomized(seed)`` (contrast phases, kernels, 0.6-5 mm
+    slices, dose, truncation, metal, children, ranges from the chest to the pelvis): stage 1's training
+    distribution. Otherwise the validated-domain acquisition, as held-out evaluation renders it.
 
     ``pancreas_z_mm`` is the patient z (mm) of the pancreas label's bounding-box centre, ``lesion_z_mm``
     that of the lesion (nan when none); ``noise_sigma`` is the seed's native-series noise (HU), which
     the trainers use to put back the noise a direct coarse render lacks (see ``pipeline_noise``).
     """
 
+    acq = phantom().Acquisition.randomized(seed) if randomized else None
+
     def build() -> dict[str, np.ndarray]:
-        ph = phantom().generate_ct_volume(seed, lesion, **_grid_args(seed, STAGE1.spacing_mm))
+        ph = phantom().generate_ct_volume(seed, lesion, acquisition=acq, **_grid_args(seed, STAGE1.spacing_mm, acq))
         dz, z0 = float(ph.spacing_mm[0]), float(ph.origin_mm[2])
         zs = np.nonzero((ph.labels == 1).any(axis=(1, 2)))[0]
         lz = np.nonzero(ph.lesion.any(axis=(1, 2)))[0]
@@ -115,19 +122,24 @@ def stage1_volume(seed: int, lesion: str | None) -> dict[str, np.ndarray]:
             "thickness": np.array(float(ph.truth["slice_thickness_mm"])),
         }
 
-    return _cached("stage1", seed, lesion, build)
+    return _cached("stage1r" if randomized else "stage1", seed, lesion, build)
+
+
+def stage1_training_volume(seed: int, lesion: str | None) -> dict[str, np.ndarray]:
+    """Stage 1's training render: the domain-randomised acquisition (a loader for ``collect``)."""
+    return stage1_volume(seed, lesion, randomized=True)
 
 
 @functools.lru_cache(maxsize=4096)
-def extent_mm(seed: int) -> tuple[float, float, float]:
-    """The patient's scan extent (z, y, x) in mm, from a tiny probe render (the seed fixes it in mm)."""
-    ph = phantom().generate_ct_volume(seed, None, matrix=16, slices=8)
+def extent_mm(seed: int, acquisition=None) -> tuple[float, float, float]:  # noqa: ANN001 - Acquisition | None
+    """The scan's extent (z, y, x) in mm, from a tiny probe render (the seed and acquisition fix it in mm)."""
+    ph = phantom().generate_ct_volume(seed, None, matrix=16, slices=8, acquisition=acquisition)
     return tuple(float(n * s) for n, s in zip(ph.hu.shape, ph.spacing_mm, strict=True))  # type: ignore[return-value]
 
 
-def _grid_args(seed: int, spacing: Sequence[float]) -> dict[str, int]:
-    """matrix/slices that sample the seed's own FOV and z extent at about ``spacing`` mm."""
-    ext = extent_mm(seed)
+def _grid_args(seed: int, spacing: Sequence[float], acquisition=None) -> dict[str, int]:  # noqa: ANN001
+    """matrix/slices that sample the scan's FOV and z extent at about ``spacing`` mm."""
+    ext = extent_mm(seed, acquisition)
     return {"matrix": max(16, int(round(ext[2] / spacing[2]))), "slices": max(8, int(round(ext[0] / spacing[0])))}
 
 

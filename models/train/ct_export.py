@@ -19,6 +19,7 @@ import torch
 from appliance.modelcard import ModelCard, sha256_file
 
 OPSET = 17
+FEATURES = "features"  # the pooled-encoder output every retrained model carries (card-contract.md section 1)
 MAX_BYTES = 20 * 1024 * 1024
 LICENCE = "Proprietary: edgescreen project licence (see pyproject.toml); trained weights carry the same licence"
 INTENDED_USE = (
@@ -48,7 +49,7 @@ def export_onnx(
         axes[input_name].update({2: "D", 3: "H", 4: "W"})
     for name in output_names:
         axes[name] = {0: "N"}
-        if dynamic_spatial:
+        if dynamic_spatial and name != FEATURES:
             axes[name].update({2: "D", 3: "H", 4: "W"})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".onnx.tmp")
@@ -150,7 +151,15 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         from onnx import numpy_helper
 
         inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
-        state = {k: torch.from_numpy(inits[k].copy()) for k in model.state_dict()}
+        # a model exported inside an export wrapper (SegmentationWithFeatures, LesionNetWithFeatures) carries
+        # the wrapper's attribute name as a prefix
+        def find(key: str) -> np.ndarray:
+            for name in (key, f"unet.{key}", f"net.{key}"):
+                if name in inits:
+                    return inits[name]
+            raise KeyError(f"{path}: no initializer for parameter {key}")
+
+        state = {k: torch.from_numpy(find(k).copy()) for k in model.state_dict()}
     else:
         state = torch.load(path, map_location="cpu")
     model.load_state_dict(state)

@@ -89,12 +89,17 @@ class LesionNet(nn.Module):
         return seg[:, 2:3] - (m + torch.log(torch.exp(a - m) + torch.exp(b - m)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seg, cls, _ = self.with_features(x)
+        return seg, cls
+
+    def with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(segmentation, abnormal logit, average-pooled bottleneck features) from one pass."""
         dec, bott = self.unet.features(x)
         seg = self.unet.head(dec)
         smooth = F.avg_pool3d(self.lesion_logit(seg), kernel_size=5, stride=1, padding=2, count_include_pad=False)
         peak = torch.amax(smooth, dim=(2, 3, 4))
         pooled = torch.cat([torch.amax(bott, dim=(2, 3, 4)), peak], dim=1)
-        return seg, self.cls(pooled)
+        return seg, self.cls(pooled), bott.mean(dim=(2, 3, 4))
 
 
 class LesionClassifier(nn.Module):
@@ -113,6 +118,22 @@ class LesionClassifier(nn.Module):
         f = self.encoder(x)
         pooled = torch.cat([f.mean(dim=(2, 3, 4)), torch.amax(f, dim=(2, 3, 4))], dim=1)
         return self.fc(self.drop(pooled))
+
+
+class SegmentationWithFeatures(nn.Module):
+    """Export view of a U-Net: (segmentation logits, globally average-pooled bottleneck features).
+
+    The features output is what the appliance's domain gate measures a Mahalanobis distance on
+    (card-contract.md section 1): the deepest encoder block, mean over every spatial axis.
+    """
+
+    def __init__(self, unet: UNet3D) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dec, bott = self.unet.features(x)
+        return self.unet.head(dec), bott.mean(dim=(2, 3, 4))
 
 
 def n_params(model: nn.Module) -> int:

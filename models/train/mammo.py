@@ -43,7 +43,7 @@ from models.train.mammo_net import HEATMAP_STRIDE, MammoNet, count_parameters
 log = get_logger("models.train.mammo")
 
 MODEL_NAME = "edgescreen-mammo-minimias"
-MODEL_VERSION = "1.1.0"
+MODEL_VERSION = "1.1.1"  # 1.1.1: the features output (same weights and scores as 1.1.0)
 LICENCE = (
     "mini-MIAS (Mammographic Image Analysis Society MiniMammographic Database) licence: research use only; "
     "cite the database in any publication; the database may not be rented, leased or sold. The model weights "
@@ -573,11 +573,62 @@ def export_onnx(model: MammoNet, path: Path, size: tuple[int, int], tta: bool) -
         wrapper, (example,), str(path), opset_version=17, dynamo=False,
         input_names=["image"], output_names=["scores", "heatmap"],
     )
+    append_features_output(path)
     with torch.no_grad():
         ref = [t.numpy() for t in wrapper(example)]
+        ref.append(_deepest_features(model, example, tta).numpy())
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(["scores", "heatmap"], {"image": example.numpy()})
+    got = sess.run(["scores", "heatmap", FEATURES], {"image": example.numpy()})
     return float(max(np.abs(a - b).max() for a, b in zip(ref, got, strict=True)))
+
+
+FEATURES = "features"
+DEEPEST = "/model/stage32/"  # the deepest encoder stage's node names in the exported graph
+
+
+def _deepest_features(model: MammoNet, image: torch.Tensor, tta: bool) -> torch.Tensor:
+    """What the features output holds: stage32's activations averaged over space (and the tta pair)."""
+    batch = torch.cat([image, torch.flip(image, dims=[2])], dim=0) if tta else image
+    f = model.stage32(model.stage16(model.stage8(model.stem(batch)))).mean(dim=(2, 3))
+    return f.mean(dim=0, keepdim=True) if tta else f
+
+
+def append_features_output(path: Path, out: Path | None = None) -> int:
+    """Add the ``features`` output (1, F) to an exported mammo graph: the deepest encoder stage, averaged.
+
+    Why on the graph: BatchNorm is folded into the convolutions at export, so a shipped ONNX file cannot
+    be loaded back into MammoNet; editing the graph gives the shipped model (same weights, same scores)
+    the output the domain gate's OOD score needs (card-contract.md section 1). Returns F.
+    """
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    if any(o.name == FEATURES for o in graph.output):
+        raise ValueError(f"{path} already has a {FEATURES} output")
+    relus = [n for n in graph.node if n.name.startswith(DEEPEST) and n.op_type == "Relu"]
+    if not relus:
+        raise ValueError(f"{path}: no {DEEPEST}* Relu node (not a MammoNet export?)")
+    deepest = relus[-1].output[0]
+    width = next(int(i.dims[1]) for i in graph.initializer if i.name == "model.lateral.weight")  # its input: stage32
+    spatial, pair = f"{FEATURES}/spatial_mean", f"{FEATURES}/pair_mean"
+    graph.node.extend([
+        helper.make_node("ReduceMean", [deepest], [spatial], name=spatial, axes=[2, 3], keepdims=0),
+        # the graph runs the image and its mirror as a batch of two (tta): their mean, as scores are
+        helper.make_node("ReduceMean", [spatial], [FEATURES], name=pair, axes=[0], keepdims=1),
+    ])
+    graph.output.append(helper.make_tensor_value_info(FEATURES, onnx.TensorProto.FLOAT, [1, width]))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out or path))
+    return width
+
+
+def feature_size(onnx_path: Path) -> int:
+    import onnx
+
+    out = next(o for o in onnx.load(str(onnx_path)).graph.output if o.name == FEATURES)
+    return int(out.type.tensor_type.shape.dim[1].dim_value)
 
 
 def write_card(out_dir: Path, onnx_path: Path, cv: dict, pre: Preprocessing, params: int, heat_shape: tuple[int, int]) -> Path:
@@ -592,6 +643,7 @@ def write_card(out_dir: Path, onnx_path: Path, cv: dict, pre: Preprocessing, par
         "outputs": [
             {"name": "scores", "kind": "classification", "activation": "sigmoid", "classes": ["abnormal", "malignant"]},
             {"name": "heatmap", "kind": "heatmap", "activation": "sigmoid", "classes": ["suspicious"]},
+            {"name": FEATURES, "kind": "features", "activation": "none", "size": feature_size(onnx_path)},
         ],
         "preprocessing": pre.model_dump(exclude_none=True, exclude_defaults=True),
         "decision": {
@@ -638,6 +690,73 @@ def write_card(out_dir: Path, onnx_path: Path, cv: dict, pre: Preprocessing, par
     path.write_text(json.dumps(card, indent=2) + "\n")
     load_card(path)  # refuse to ship a card the appliance would refuse
     return path
+
+
+def add_features_to_shipped(out_dir: Path) -> None:
+    """Give an already shipped model the features output: same weights, same scores and heatmap (checked)."""
+    import onnxruntime as ort
+
+    onnx_path, card_path = out_dir / "mammo.onnx", out_dir / "mammo.json"
+    card = json.loads(card_path.read_text())
+    x = np.random.default_rng(0).random((1, 1, *card["inputs"][0]["shape"][2:]), dtype=np.float32)
+    before = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(["scores", "heatmap"], {"image": x})
+    tmp = onnx_path.with_suffix(".features.tmp")
+    width = append_features_output(onnx_path, tmp)
+    after = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"]).run(["scores", "heatmap", FEATURES], {"image": x})
+    if any(not np.array_equal(a, b) for a, b in zip(before, after[:2], strict=True)) or after[2].shape != (1, width):
+        tmp.unlink()
+        raise RuntimeError("adding the features output changed the model's scores or heatmap")
+    os.replace(tmp, onnx_path)
+    card["outputs"] = [o for o in card["outputs"] if o["name"] != FEATURES]
+    card["outputs"].append({"name": FEATURES, "kind": "features", "activation": "none", "size": width})
+    card["version"] = MODEL_VERSION
+    card["sha256"] = sha256_file(onnx_path)
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    load_card(card_path)
+    log.info("features output added", file=str(onnx_path), size=width)
+
+
+CONTRALATERAL_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def contralateral_variants(data_dir: Path, cv_path: Path, n_boot: int = 2000, seed: int = 20240601) -> dict:
+    """Asymmetry, measured on the saved out-of-fold scores: an image's score minus w x its other breast's.
+
+    Radiologists read a mammogram against the other breast; in mini-MIAS 67 of 107 development patients have
+    exactly one abnormal breast. No training: the out-of-fold probabilities of mammo_cv.json are combined per
+    patient. ``nested`` picks w on the other folds for each fold (the honest figure); the fixed-w rows were
+    chosen after seeing them and are optimistic.
+    """
+    from models.train.mammo_data import read_labels
+
+    cv = json.loads(cv_path.read_text())
+    oof = cv["out_of_fold"]
+    records = [r for r in read_labels(data_dir) if r.image_id in oof]
+    y = np.array([r.abnormal for r in records], dtype=float)
+    patients = np.array([r.patient for r in records])
+    folds = np.array([oof[r.image_id]["fold"] for r in records])
+    p = np.array([oof[r.image_id]["abnormal"] for r in records])
+    other = np.array([next(j for j, q in enumerate(patients) if q == patients[i] and j != i) for i in range(len(records))])
+    logit = np.log(np.clip(p, 1e-6, 1 - 1e-6) / np.clip(1 - p, 1e-6, 1))
+
+    def combined(w: float) -> np.ndarray:
+        return logit - w * logit[other]
+
+    out: dict = {"method": contralateral_variants.__doc__.split("\n\n")[0].strip(), "n_images": len(records)}
+    for w in CONTRALATERAL_WEIGHTS:
+        score = combined(w)
+        out[f"w={w:g}"] = {"auc": _auc_or_none(y, score),
+                           "auc_ci95": bootstrap_ci(patients, lambda i, s=score: _auc_or_none(y[i], s[i]), n_boot, seed)}
+    nested = np.zeros_like(p)
+    chosen = {}
+    for k in np.unique(folds):
+        train = folds != k
+        best = max(CONTRALATERAL_WEIGHTS, key=lambda w: _auc_or_none(y[train], combined(w)[train]) or 0.0)
+        chosen[int(k)] = best
+        nested[folds == k] = combined(best)[folds == k]
+    out["nested"] = {"auc": _auc_or_none(y, nested), "weights_per_fold": chosen,
+                     "auc_ci95": bootstrap_ci(patients, lambda i: _auc_or_none(y[i], nested[i]), n_boot, seed)}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -705,8 +824,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help=f"default {TrainConfig.seed}")
     parser.add_argument("--threads", type=int, default=None, help=f"torch threads (default {TrainConfig.threads})")
     parser.add_argument("--skip-cv", action="store_true", help="train and export only (no card: the card needs CV figures)")
+    parser.add_argument("--add-features", action="store_true",
+                        help="no training: give the shipped --out/mammo.onnx its features output and update its card")
+    parser.add_argument("--contralateral", action="store_true",
+                        help="no training: measure the asymmetry variants on mammo_cv.json's out-of-fold scores")
     args = parser.parse_args(argv)
     setup_logging("info")
+    if args.add_features:
+        add_features_to_shipped(args.out)
+        return 0
+    if args.contralateral:
+        cv_path = args.out / "mammo_cv.json"
+        cv = json.loads(cv_path.read_text())
+        cv["variants_contralateral"] = contralateral_variants(args.data, cv_path)
+        cv_path.write_text(json.dumps(cv, indent=2) + "\n")
+        log.info("contralateral variants", **{k: v["auc"] for k, v in cv["variants_contralateral"].items() if isinstance(v, dict)})
+        return 0
     cfg = config_for_size(args.size, seed=args.seed, patch_steps=args.patch_steps, patch=args.patch,
                           patch_batch=args.patch_batch, mine_every=args.mine_every, full_epochs=args.full_epochs,
                           threads=args.threads)
