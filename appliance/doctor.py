@@ -163,7 +163,7 @@ def check_database(box: Box) -> Check:
     try:
         store = box.ctx.store
         intact = store.integrity_ok()
-        report = store.recover(remove_temp=False)
+        report = store.check_files()
         version = store.schema_version()
     except (StoreError, OSError) as exc:
         return fail("database", str(exc), "check the data dir's permissions and free space; restore from backup if "

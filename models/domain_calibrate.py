@@ -1,7 +1,6 @@
 """Calibrate the validated-domain gate and the operating points, and write them into the model cards.
 
     edgescreen models domain-calibrate [--models models] [--n 60] [--seed-base 100100] [--write]
-    python -m models.domain_calibrate ...
 
 What it measures, on in-domain calibration phantoms (calibration seeds 100000-100999, never trained on,
 never the held-out 200000+ that `edgescreen models evaluate` reports on), each rendered as a DICOM
@@ -29,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -295,8 +293,7 @@ def oracle_operating_points(models_dir: Path, n_normal: int = 80, n_lesion: int 
     8 classes. Larger than what a whole-pipeline calibration can afford here, and the set the card names."""
     from appliance.modelcard import load_card
     from appliance.pipeline.activations import sigmoid
-    from appliance.pipeline.preprocess import normalize
-    from models.evaluate import _session
+    from models.evaluate import _session, oracle_inputs
     from models.train.ct_data import fine_crops
 
     card = load_card(models_dir / "pancreas.stage2.json")
@@ -306,15 +303,15 @@ def oracle_operating_points(models_dir: Path, n_normal: int = 80, n_lesion: int 
     scores: dict[str, list[float]] = {"normal": [], "lesion": []}
     plan = [(100_000 + i, None) for i in range(n_normal)] + [(100_500 + i, LESIONS[i % 8]) for i in range(n_lesion)]
     for i, (seed, lesion) in enumerate(plan):
-        crop = fine_crops(seed, lesion)["s2_hu"].astype(np.float32)
-        x = normalize(crop, card.preprocessing.normalization)[None, None]
-        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {card.inputs[0].name: x}), strict=True))
+        crop = fine_crops(seed, lesion)
+        x = oracle_inputs(card, crop["s2_hu"], pancreas=crop["s2_pancreas"])
+        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, x), strict=True))
         scores["normal" if lesion is None else "lesion"].append(float(sigmoid(outputs[decision.output].reshape(-1)[0])))
         if (i + 1) % 16 == 0:
             log(f"domain-calibrate: operating points {i + 1}/{len(plan)}")
     calib = (f"{n_normal} normal calibration phantoms (seeds 100000-{100_000 + n_normal - 1}) and {n_lesion} with one "
              f"lesion each (seeds 100500-{100_500 + n_lesion - 1}, the 8 classes in turn); stage 2 on crops centred on "
-             "the true pancreas (oracle input, as in models/REPORT.md)")
+             "the true pancreas, any pancreas_mask channel the true pancreas (oracle input, as in models/REPORT.md)")
     return operating_points(scores["normal"], scores["lesion"], calib)
 
 
@@ -327,14 +324,28 @@ def calibrate_mammo(models_dir: Path, data_dir: Path) -> dict[str, Any] | None:
 
     oof = json.loads(cv_path.read_text())["out_of_fold"]
     truth: dict[str, int] = {}
+    patient: dict[str, int] = {}
     with open(labels, newline="") as fh:
         for row in csv.DictReader(fh):
             truth[row["image"]] = max(truth.get(row["image"], 0), int(row["abnormality"] != "NORM"))
-    pairs = [(truth[k], float(v["abnormal"])) for k, v in oof.items() if k in truth]
+            patient[row["image"]] = int(row["patient"])
+    ids = [k for k in oof if k in truth]
+    scores = np.array([float(oof[k]["abnormal"]) for k in ids])
+    rule = json.loads((models_dir / "mammo.json").read_text()).get("contralateral")
+    how = "out-of-fold scores"
+    if rule:  # the card's decision score: each image read against its patient's other breast (the appliance's rule)
+        from appliance.pipeline.activations import sigmoid
+        from models.train.mammo_data import contralateral_logits
+
+        logits = np.log(np.clip(scores, 1e-6, 1 - 1e-6) / np.clip(1 - scores, 1e-6, 1))
+        scores = sigmoid(contralateral_logits(logits, np.array([patient[k] for k in ids]), rule["weight"],
+                                              rule["lone_view_logit"])).astype(np.float64)
+        how = f"out-of-fold scores read against the other breast (contralateral weight {rule['weight']:g})"
+    pairs = [(truth[k], float(s)) for k, s in zip(ids, scores, strict=True)]
     normal = [s for t, s in pairs if t == 0]
     abnormal = [s for t, s in pairs if t == 1]
     calib = (f"mini-MIAS development two thirds ({len(pairs)} images: {len(normal)} normal, {len(abnormal)} abnormal), "
-             "patient-level 5-fold cross-validation out-of-fold scores (models/mammo_cv.json)")
+             f"patient-level 5-fold cross-validation {how} (models/mammo_cv.json)")
     domain = {
         "source": "mini-MIAS (Suckling et al. 1994): digitised screen-film MLO mammograms, 200 micron, 8-bit",
         "modality": ["MG"], "pixel_spacing_mm": {"min": 0.15, "max": 0.25}, "detector_type": ["FILM"],
@@ -397,14 +408,3 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in sections.items() if k != "rows"}, indent=1)[:20000])
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    from appliance.cli.models_cmd import add_calibrate_arguments
-
-    ap = argparse.ArgumentParser(prog="python -m models.domain_calibrate", description=__doc__.splitlines()[0])
-    add_calibrate_arguments(ap)
-    return run_from_args(ap.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,7 +7,7 @@ stage 2, is the pipeline's test, not this report's. Every model runs as its ONNX
 fed exactly as its card says. Held-out seeds (200000+) were never trained or calibrated on.
 Uncertainty: percentile bootstrap over studies (1000 resamples, fixed seed).
 
-    python -m models.evaluate [--n 120] [--models models] [--seed-base 200000]
+    edgescreen models evaluate [--n 120] [--models models] [--seed-base 200000]   (options: models/cli.py)
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,15 @@ import numpy as np
 from appliance import RESEARCH_USE_BANNER, __version__
 from appliance.modelcard import ModelCard, load_card, sha256_file
 from appliance.pipeline.activations import sigmoid, softmax
-from appliance.pipeline.metrics import N_BOOT, auc, balanced_accuracy, bootstrap_ci, dice, sens_at_spec
+from appliance.pipeline.metrics import (
+    N_BOOT,
+    auc,
+    balanced_accuracy,
+    bootstrap_ci,
+    dice,
+    figure,
+    sens_at_spec,
+)
 from models.train.ct_common import LESION_CLASSES, ORGAN_NAMES, sliding_window, window
 
 MODELS_DIR = Path(__file__).resolve().parent
@@ -56,6 +63,25 @@ def lesion_probability(card: ModelCard, seg: np.ndarray) -> np.ndarray:
     if spec.activation == "softmax":
         return softmax(seg, axis=0)[index]
     return sigmoid(seg[index])
+
+
+def oracle_inputs(card: ModelCard, hu: np.ndarray, *, pancreas: np.ndarray | None = None,
+                  lesion: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Each input tensor of a crop model (batch of one), its channels named and ordered by the card.
+
+    The phantom's truth stands in for what the cascade gives: ``ct`` is the HU crop windowed as the
+    card says, ``pancreas_mask`` the true pancreas of the crop (stage 1's oracle), ``lesion_mask`` the
+    true lesion (stage 2's oracle). The stacking is the pipeline's own
+    (appliance.pipeline.pancreas._channel_stack), so a card naming a channel we lack is refused alike.
+    """
+    from appliance.pipeline.pancreas import _channel_stack
+
+    norm = card.preprocessing.normalization
+    available = {"ct": window(hu.astype(np.float32), norm.low, norm.high)}
+    for channel, mask in (("pancreas_mask", pancreas), ("lesion_mask", lesion)):
+        if mask is not None:
+            available[channel] = (mask > 0).astype(np.float32)
+    return {name: x[None] for name, x in _channel_stack(card, available).items()}
 
 
 def _session(path: Path):  # noqa: ANN202
@@ -99,7 +125,7 @@ def evaluate(
     prerender(fine_crops, plan)  # renders stage 1 volumes too (fine_crops locates the gland on them)
 
     c1, c2, c3 = cards["pancreas.stage1"], cards["pancreas.stage2"], cards["pancreas.stage3"]
-    n1, n2, n3 = (c.preprocessing.normalization for c in (c1, c2, c3))
+    n1 = c1.preprocessing.normalization
     organ_dice: dict[str, list[float]] = {n: [] for n in ORGAN_NAMES[1:]}
     scores, truth, les_dice, pairs, rows = [], [], [], [], []
     t1 = t2 = t3 = 0.0
@@ -131,8 +157,7 @@ def evaluate(
             row["pancreas_dice"] = organ_dice["pancreas"][-1]
             t1 += time.time() - t
         t = time.time()
-        x2 = window(fc["s2_hu"].astype(np.float32), n2.low, n2.high)[None, None]
-        seg, logit = sess["pancreas.stage2"].run(["lesion", "abnormal"], {c2.inputs[0].name: x2})
+        seg, logit = sess["pancreas.stage2"].run(["lesion", "abnormal"], oracle_inputs(c2, fc["s2_hu"], pancreas=fc["s2_pancreas"]))
         score = float(sigmoid(logit.reshape(-1)[0]))
         scores.append(score)
         truth.append(int(lesion is not None))
@@ -143,8 +168,7 @@ def evaluate(
         t2 += time.time() - t
         if lesion is not None:
             t = time.time()
-            x3 = np.stack([window(fc["s3_hu"].astype(np.float32), n3.low, n3.high), fc["s3_lesion"].astype(np.float32)])[None]
-            probs = softmax(sess["pancreas.stage3"].run(None, {c3.inputs[0].name: x3})[0], axis=1)[0]
+            probs = softmax(sess["pancreas.stage3"].run(None, oracle_inputs(c3, fc["s3_hu"], lesion=fc["s3_lesion"]))[0], axis=1)[0]
             pred3 = int(probs.argmax())
             pairs.append((LESION_CLASSES.index(lesion), pred3))
             row["subtype_pred"] = LESION_CLASSES[pred3]
@@ -212,7 +236,8 @@ def evaluate(
             "phantom_revisions": sorted(revisions),
             "n_per_class": {"normal": sum(1 for _, les in plan if les is None),
                             **{c: sum(1 for _, les in plan if les == c) for c in LESION_CLASSES}},
-            "inputs": "oracle: true pancreas bounding-box centre for stage 2, true lesion centre and mask for stage 3",
+            "inputs": ("oracle: stage 2 on the crop at the true pancreas bounding-box centre (any pancreas_mask channel: "
+                       "the true pancreas), stage 3 at the true lesion centre with the true lesion mask"),
             "grids": "phantoms rendered directly at each card's target spacing (ct_data.stage1_volume, ct_data.fine_crops)",
         },
         "models": {r: {"file": cards[r].file, "version": cards[r].version,
@@ -288,13 +313,14 @@ def pipeline_check(models_dir: Path, plan: list[tuple[int, str | None]], log: Ca
     around the pancreas, resampled exactly as the pipeline does, and run through stages 1 and 2; the
     same slab rendered directly at the model grid gives the paired comparison.
     """
-    from models.train.ct_common import STAGE1, STAGE2, bbox_centre, crop, resample
+    from appliance.pipeline.preprocess import bbox_centre
+    from models.train.ct_common import STAGE1, STAGE2, crop, resample
     from models.train.ct_data import phantom
 
     gen = phantom().generate_ct_volume
     c1, c2 = load_card(models_dir / "pancreas.stage1.json"), load_card(models_dir / "pancreas.stage2.json")
     s1, s2 = _session(models_dir / c1.file), _session(models_dir / c2.file)
-    n1, n2 = c1.preprocessing.normalization, c2.preprocessing.normalization
+    n1 = c1.preprocessing.normalization
     rows = []
     for seed, lesion in plan:
         t = time.time()
@@ -326,8 +352,12 @@ def pipeline_check(models_dir: Path, plan: list[tuple[int, str | None]], log: Ca
                 d2 = gen(seed, lesion, z_range_mm=zr, matrix=int(round(fov / STAGE2.spacing_mm[2])),
                          slices=int(round(extent / STAGE2.spacing_mm[0])))
                 hu2, lab2 = d2.hu.astype(np.float32), d2.labels
-            x2 = crop(window(hu2, n2.low, n2.high), bbox_centre(lab2 == 1), c2.preprocessing.crop_size)[None, None]
-            _, logit = s2.run(["lesion", "abnormal"], {c2.inputs[0].name: x2})
+            centre = bbox_centre(lab2 == 1)
+            if centre is None:  # the phantom's own pancreas vanished on stage 2's grid: nothing to compare
+                raise ValueError(f"seed {seed}: no pancreas on stage 2's grid ({how}); pick another seed")
+            size = c2.preprocessing.crop_size
+            x2 = oracle_inputs(c2, crop(hu2, centre, size, fill=-1000.0), pancreas=crop((lab2 == 1).astype(np.uint8), centre, size))
+            _, logit = s2.run(["lesion", "abnormal"], x2)
             row[f"stage2_abnormal_prob_{how}"] = float(sigmoid(logit.reshape(-1)[0]))
         rows.append(row)
         log(f"pipeline check: seed {seed} ({lesion}) {time.time() - t:.0f} s: {row}")
@@ -382,14 +412,6 @@ def _update_cards(models_dir: Path, report: dict) -> None:
         write_card(path, card)
 
 
-def _fmt(v: float, ci: list[float] | None = None, digits: int = 3) -> str:
-    # truncate, never round up: a figure in the report must not look better than measured
-    def t(x: float) -> str:
-        q = 10 ** digits
-        return f"{np.floor(x * q) / q:.{digits}f}"
-
-    return t(v) + (f" (95% CI {t(ci[0])}-{t(ci[1])})" if ci else "")
-
 
 def _aim(v: float, aim: float) -> str:
     return "reached" if v >= aim else "NOT reached"
@@ -413,33 +435,33 @@ def render_markdown(r: dict) -> str:
         "",
         "## pancreas.stage1: organ segmentation",
         "",
-        f"Pancreas Dice {_fmt(s1['dice'], s1['dice_ci95'])} on {s1['n_studies']} studies. "
+        f"Pancreas Dice {figure(s1['dice'], s1['dice_ci95'])} on {s1['n_studies']} studies. "
         f"Aim >= {AIMS['dice']}: **{_aim(s1['dice'], AIMS['dice'])}**.",
         "",
         "| organ | mean Dice (95% CI) |",
         "|---|---|",
-        *[f"| {k} | {_fmt(v['value'], v['ci95'])} |" for k, v in s1["dice_per_organ"].items()],
+        *[f"| {k} | {figure(v['value'], v['ci95'])} |" for k, v in s1["dice_per_organ"].items()],
         "",
         "## pancreas.stage2: lesion detection (abnormal vs normal) and lesion segmentation",
         "",
-        f"- AUC {_fmt(s2['auc'], s2['auc_ci95'])} ({s2['n_lesion']} lesion studies vs {s2['n_normal']} normals). "
+        f"- AUC {figure(s2['auc'], s2['auc_ci95'])} ({s2['n_lesion']} lesion studies vs {s2['n_normal']} normals). "
         f"Aim >= {AIMS['auc']}: **{_aim(s2['auc'], AIMS['auc'])}**.",
-        f"- Sensitivity at 99% specificity on the held-out normals: {_fmt(s2['sensitivity_at_99_specificity'], s2['sensitivity_at_99_specificity_ci95'])}"
+        f"- Sensitivity at 99% specificity on the held-out normals: {figure(s2['sensitivity_at_99_specificity'], s2['sensitivity_at_99_specificity_ci95'])}"
         f" (with {s2['n_normal']} normals, 99% specificity means no false positive).",
-        f"- At the card's calibrated threshold {s2['threshold']:.6f}: sensitivity {_fmt(s2['sensitivity_at_threshold'], s2['sensitivity_at_threshold_ci95'])}, "
-        f"specificity {_fmt(s2['specificity_at_threshold'], s2['specificity_at_threshold_ci95'])}.",
-        f"- Lesion Dice on lesion studies: {_fmt(s2['lesion_dice'], s2['lesion_dice_ci95'])}.",
+        f"- At the card's calibrated threshold {s2['threshold']:.6f}: sensitivity {figure(s2['sensitivity_at_threshold'], s2['sensitivity_at_threshold_ci95'])}, "
+        f"specificity {figure(s2['specificity_at_threshold'], s2['specificity_at_threshold_ci95'])}.",
+        f"- Lesion Dice on lesion studies: {figure(s2['lesion_dice'], s2['lesion_dice_ci95'])}.",
         "",
         "Sensitivity at the calibrated threshold by lesion class:",
         "",
         "| " + " | ".join(s2["sensitivity_at_threshold_by_class"]) + " |",
         "|" + "---|" * len(s2["sensitivity_at_threshold_by_class"]),
-        "| " + " | ".join(_fmt(v, digits=2) for v in s2["sensitivity_at_threshold_by_class"].values()) + " |",
+        "| " + " | ".join(figure(v, digits=2) for v in s2["sensitivity_at_threshold_by_class"].values()) + " |",
         "",
         "## pancreas.stage3: lesion subtype",
         "",
-        f"Balanced accuracy {_fmt(s3['balanced_accuracy'], s3['balanced_accuracy_ci95'])} over {s3['n_lesion']} lesions "
-        f"(accuracy {_fmt(s3['accuracy'])}). Aim >= {AIMS['balanced_accuracy']}: "
+        f"Balanced accuracy {figure(s3['balanced_accuracy'], s3['balanced_accuracy_ci95'])} over {s3['n_lesion']} lesions "
+        f"(accuracy {figure(s3['accuracy'])}). Aim >= {AIMS['balanced_accuracy']}: "
         f"**{_aim(s3['balanced_accuracy'], AIMS['balanced_accuracy'])}**.",
         "",
         "Confusion matrix (rows truth, columns prediction):",
@@ -458,9 +480,9 @@ def render_markdown(r: dict) -> str:
             "",
             "| seed | lesion | native spacing (mm) | stage 1 pancreas Dice direct | pipeline | stage 2 P(abnormal) direct | pipeline |",
             "|---|---|---|---|---|---|---|",
-            *[f"| {x['seed']} | {x['lesion']} | {x['native_spacing_mm']} | {_fmt(x['stage1_pancreas_dice_direct'])} | "
-              f"{_fmt(x['stage1_pancreas_dice_pipeline'])} | {_fmt(x['stage2_abnormal_prob_direct'])} | "
-              f"{_fmt(x['stage2_abnormal_prob_pipeline'])} |" for x in pc["studies"]],
+            *[f"| {x['seed']} | {x['lesion']} | {x['native_spacing_mm']} | {figure(x['stage1_pancreas_dice_direct'])} | "
+              f"{figure(x['stage1_pancreas_dice_pipeline'])} | {figure(x['stage2_abnormal_prob_direct'])} | "
+              f"{figure(x['stage2_abnormal_prob_pipeline'])} |" for x in pc["studies"]],
             "",
         ]
     m = r.get("mammo")
@@ -474,7 +496,7 @@ def render_markdown(r: dict) -> str:
         for k in ("auc", "auc_malignant", "sensitivity", "specificity", "accuracy", "threshold"):
             if k in m:
                 ci = m.get(f"{k}_ci95")
-                lines.append(f"- {k}: {_fmt(float(m[k]), list(ci) if ci else None)}")
+                lines.append(f"- {k}: {figure(float(m[k]), list(ci) if ci else None)}")
         lines.append("")
     else:
         lines += ["models/mammo_cv.json was not present when this report was written.", ""]
@@ -484,7 +506,7 @@ def render_markdown(r: dict) -> str:
                   "| model | name | target | threshold | calibration set | measured there |", "|---|---|---|---|---|---|"]
         for role, entry in ops.items():
             for op in entry["points"]:
-                measured = ", ".join(f"{k} {_fmt(v) if k.startswith(('sens', 'spec')) else int(v)}"
+                measured = ", ".join(f"{k} {figure(v) if k.startswith(('sens', 'spec')) else int(v)}"
                                      for k, v in op.get("measured", {}).items())
                 default = " (default)" if op["name"] == entry["default"] else ""
                 lines.append(f"| {role} | {op['name']}{default} | {op['target']} {op['target_value']} | "
@@ -523,14 +545,3 @@ def run_from_args(args: argparse.Namespace) -> int:
              pipeline_n=args.pipeline_n, update_cards=args.update_cards, domain=domain)
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    from appliance.cli.models_cmd import add_evaluate_arguments
-
-    ap = argparse.ArgumentParser(prog="python -m models.evaluate", description="Held-out evaluation of the reference models.")
-    add_evaluate_arguments(ap)
-    return run_from_args(ap.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from appliance.pipeline.metrics import truncated
+
 CT_SHIFTED: dict[str, dict[str, Any]] = {
     "contrast_arterial": {"contrast_phase": "arterial"},
     "contrast_portal_venous": {"contrast_phase": "portal_venous"},
@@ -251,8 +253,8 @@ def evaluate_domain_gate(models_dir: Path, work: Path, *, n_in: int, n_shift: in
 
 
 def render_markdown(gate: dict[str, Any]) -> str:
-    def t(x: float) -> str:  # truncate, never round up
-        return "n/a" if not isinstance(x, (int, float)) or math.isnan(x) else f"{math.floor(x * 1000) / 1000:.3f}"
+    def t(x: float) -> str:
+        return truncated(x) if isinstance(x, (int, float)) else "n/a"
 
     lines = ["", "## Validated-domain gate: flag rates", "",
              f"A flagged study reads `indeterminate`, never `not_suspicious`. Aim: {gate['aim']}. In-domain flag rate "

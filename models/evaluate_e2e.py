@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from appliance.pipeline.analyze import AnalysisRequest, analyze_study
-from appliance.pipeline.metrics import auc, bootstrap_ci, sens_at_spec
-from models.evaluate import _fmt
+from appliance.pipeline.metrics import auc, bootstrap_ci, figure, sens_at_spec
 from models.phantom.ct import LESION_CLASSES, write_ct_study
 from models.phantom.mg import MG_FINDINGS, write_mg_exam
 
@@ -84,7 +83,7 @@ def evaluate_mammo(models_dir: Path, work: Path, exams: int) -> dict:
 
 def render(e2e: dict) -> str:
     ct, mg = e2e["pancreas"], e2e["mammo"]
-    f = lambda v: "n/a" if v is None else _fmt(v)  # noqa: E731 - truncated, never rounded up
+    f = lambda v: "n/a" if v is None else figure(v)  # noqa: E731 - truncated, never rounded up
     return "\n".join([
         "", "## End to end: the whole cascade from DICOM on held-out phantoms", "",
         f"Pancreas ({ct['n_lesion']} lesion studies, {ct['n_normal']} normals, {ct['slices']} slices each, seeds {ct['seeds']}):",

@@ -227,6 +227,14 @@ def test_ina3221_garbage_value_is_an_error_not_a_crash(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- estimate and detection
 
 
+def test_ina3221_rail_with_nothing_to_read_is_refused_at_detection(tmp_path: Path) -> None:
+    """A rail with no power file and no voltage/current pair says so when the meter is made, not later."""
+    from appliance.power.meters import _Rail
+
+    with pytest.raises(MeterUnavailable, match="VDD_IN: no power file and no voltage and current pair"):
+        Ina3221Meter([_Rail("VDD_IN", None, None, None)])
+
+
 def test_estimated_meter_is_marked_and_integrates_energy() -> None:
     meter = EstimatedMeter(35.0)
     first = meter.sample()

@@ -1,16 +1,14 @@
 """Series assembly: when a series is complete, which pipeline reads it, and series consistency on receipt.
 
 A series is complete when no instance has arrived for `stable_after_s` (Orthanc's StableAge idea:
-DICOM has no "end of series" message). Then the selection rules below decide:
+DICOM has no "end of series" message). Then the pipelines' acceptance rules decide, the same ones
+`analyze` applies (appliance.pipeline.accepts: stated once): a pipeline, or "not_analysed" with the
+reason in words staff read ("CT series of 12 slices; the pancreas pipeline needs ...").
 
-* CT: at least 20 axial (within 30 degrees: gantry tilt) non-localizer slices of 5 mm or less, from a
-  body part that is not clearly outside the abdomen -> "pancreas". Otherwise "not_analysed" with the
-  reason in words ("CT series of 12 slices; the pancreas pipeline needs ...").
-* MG For Presentation -> "mammo", ONE job per study: a 4-view exam may arrive as one series or as
-  four, and the model reads an exam. The job waits until every MG series of the study is stable, is
-  anchored on the study's first MG series, and the other MG series are marked queued with it
-  (`store.instances.job_files` gives the worker all of the exam's files).
-* MG For Processing, Secondary Capture, other modalities: stored, "not_analysed", with the reason.
+Mammography is read as an exam: ONE job per study, since a 4-view exam may arrive as one series or as
+four. The job waits until every MG series of the study is stable, is anchored on the study's first MG
+series, and the other MG series are marked queued with it (`store.instances.job_files` gives the worker
+all of the exam's files).
 
 The header pass reads files with pixels deferred; it runs in the service's background thread, never
 on the receive path.
@@ -18,7 +16,6 @@ on the receive path.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Iterable
@@ -26,26 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from pydicom.uid import SecondaryCaptureImageStorage
 
 from appliance.dicom import sop
 from appliance.dicom.header import Header, Refusal, parse_file
 from appliance.logs import get_logger
+from appliance.pipeline import accepts
 from appliance.store import Store, jobs
 from appliance.store.instances import set_series_state
 
 log = get_logger(__name__)
-
-MIN_SLICES = 20
-MAX_THICKNESS_MM = 5.0
-MAX_TILT_DEG = 30.0
-PANCREAS_NEEDS = f"the pancreas pipeline needs at least {MIN_SLICES} axial slices of {MAX_THICKNESS_MM:g} mm or less"
-# BodyPartExamined values (PS3.16 CID 4031 and what scanners really write) that cannot hold a pancreas
-NON_ABDOMINAL = frozenset({
-    "HEAD", "BRAIN", "SKULL", "NECK", "CSPINE", "HEADNECK", "EXTREMITY", "ARM", "LEG", "HAND", "FOOT", "KNEE",
-    "ANKLE", "ELBOW", "WRIST", "SHOULDER", "FINGER", "TOE", "FEMUR", "TIBIA", "HUMERUS", "FOREARM", "LOWER LEG",
-    "BREAST", "ORBIT", "SINUS", "IAC", "EAR", "JAW", "TMJ", "PELVIS",
-})
 
 
 # -- receive-time consistency -----------------------------------------------------------------------
@@ -118,147 +104,30 @@ def _sop_name(uid: str | None) -> str:
     return pydicom.uid.UID(uid).name if uid else "none"
 
 
-# -- selection rules --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Decision:
-    pipeline: str | None  # "pancreas" | "mammo" | None (not analysed)
-    reason: str | None
+# -- selection rules: appliance.pipeline.accepts, fed from the index ------------------------------------
+Decision = accepts.Decision
 
 
-@dataclass
-class _Slice:
-    localizer: bool
-    axial: bool | None  # None: orientation unknown
-    plane: str
-    thickness: float | None
-    position: float | None  # along the slice normal, for spacing when thickness is missing
-    frames: int
-
-
-def _plane(iop: list[float] | None) -> tuple[bool | None, str, list[float] | None]:
-    if not iop or len(iop) != 6:
-        return None, "unknown", None
-    r, c = iop[:3], iop[3:]
-    n = [r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0]]
-    norm = math.sqrt(sum(v * v for v in n)) or 1.0
-    n = [v / norm for v in n]
-    axis = max(range(3), key=lambda i: abs(n[i]))
-    name = ("sagittal", "coronal", "axial")[axis]
-    axial = abs(n[2]) >= math.cos(math.radians(MAX_TILT_DEG))
-    return axial, "axial" if axial else name, n
-
-
-def _floats(value: object) -> list[float] | None:
-    try:
-        return [float(v) for v in value] if value is not None else None  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        return None
-
-
-def _first(seq: object, keyword: str) -> object | None:
-    """`keyword` from the first item of a functional-group sequence (Enhanced CT)."""
-    try:
-        return getattr(seq[0], keyword, None)  # type: ignore[index]
-    except (IndexError, TypeError):
-        return None
-
-
-def _slices(path: Path) -> _Slice:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
-    localizer = "LOCALIZER" in image_type
-    frames = int(ds.get("NumberOfFrames") or 1)
-    iop, thickness, position = ds.get("ImageOrientationPatient"), ds.get("SliceThickness"), ds.get("ImagePositionPatient")
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    if shared:  # Enhanced / legacy-converted CT keep geometry in functional groups
-        group = shared[0]
-        iop = iop or _first(group.get("PlaneOrientationSequence"), "ImageOrientationPatient")
-        thickness = thickness or _first(group.get("PixelMeasuresSequence"), "SliceThickness")
-        frame_type = _first(group.get("CTImageFrameTypeSequence"), "FrameType")
-        localizer = localizer or "LOCALIZER" in [str(v).upper() for v in (frame_type or [])]
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if per_frame and not iop:
-        iop = _first(per_frame[0].get("PlaneOrientationSequence"), "ImageOrientationPatient")
-    if per_frame and thickness is None:
-        thickness = _first(per_frame[0].get("PixelMeasuresSequence"), "SliceThickness")
-    axial, plane, normal = _plane(_floats(iop))
-    pos = _floats(position)
-    along = sum(p * n for p, n in zip(pos, normal, strict=True)) if pos and normal and len(pos) == 3 else None
-    try:
-        thick = float(thickness) if thickness not in (None, "") else None
-    except (TypeError, ValueError):
-        thick = None
-    return _Slice(localizer, axial, plane, thick, along, frames)
-
-
-def _spacing(positions: list[float]) -> float | None:
-    if len(positions) < 2:
-        return None
-    ordered = sorted(positions)
-    gaps = sorted(b - a for a, b in zip(ordered, ordered[1:], strict=False) if b - a > 1e-3)
-    return gaps[len(gaps) // 2] if gaps else None
-
-
-def decide_ct(slices: list[_Slice], body_part: str | None) -> Decision:
-    if not slices:
-        return Decision(None, f"CT series with no readable images; {PANCREAS_NEEDS}")
-    part = (body_part or "").upper().replace("_", " ").strip()
-    if part in NON_ABDOMINAL:
-        return Decision(None, f"CT series of body part {body_part}; the pancreas pipeline reads abdominal CT")
-    images = [s for s in slices if not s.localizer]
-    if not images:
-        return Decision(None, f"CT localizer (scout) images only; {PANCREAS_NEEDS}")
-    axial = [s for s in images if s.axial]
-    total = sum(s.frames for s in images)
-    if not axial:
-        planes = sorted({s.plane for s in images})
-        return Decision(None, f"CT series of {total} {'/'.join(planes)} slices; {PANCREAS_NEEDS}")
-    spacing = _spacing([s.position for s in axial if s.position is not None])
-    thin = [s for s in axial if (s.thickness if s.thickness is not None else spacing or math.inf)
-            <= MAX_THICKNESS_MM + 0.01]
-    count = sum(s.frames for s in thin)
-    if count >= MIN_SLICES:
-        return Decision("pancreas", None)
-    n_axial = sum(s.frames for s in axial)
-    if not thin:
-        thick = sorted({s.thickness for s in axial if s.thickness is not None})
-        what = f"{thick[0]:g} mm thick" if len(thick) == 1 else "of unknown thickness" if not thick else \
-            f"{thick[0]:g}-{thick[-1]:g} mm thick"
-        return Decision(None, f"CT series of {n_axial} axial slices {what}; {PANCREAS_NEEDS}")
-    return Decision(None, f"CT series of {count} slices; {PANCREAS_NEEDS}")
+def _slice_facts(path: Path) -> accepts.SliceFacts:
+    return accepts.slice_facts(pydicom.dcmread(path, stop_before_pixels=True))
 
 
 def decide(store: Store, series: dict) -> Decision:
-    """The selection rules for one complete series (module docstring)."""
+    """The pipeline that reads one complete series (appliance.pipeline.accepts), from the index: modality and
+    body part from the series row, SOP classes from its instances; image headers are read only when the
+    rules need the geometry (CT)."""
     rows = store.query("SELECT path, sop_class_uid FROM instances WHERE series_uid = ?", (series["series_uid"],))
-    classes = {r["sop_class_uid"] for r in rows}
+    classes = frozenset(r["sop_class_uid"] for r in rows)
     modality = (series["modality"] or "").upper()
-    if not rows:
-        return Decision(None, "series has no stored instances")
-    if classes <= {sop.MG_FOR_PRESENTATION} and modality == "MG":
-        return Decision("mammo", None)
-    if classes & sop.MG_SOP_CLASSES:
-        if sop.MG_FOR_PROCESSING in classes:
-            return Decision(None, "MG For Processing (raw detector) images are stored but not analysed; the "
-                            "mammography pipeline reads For Presentation images")
-        return Decision(None, f"mammography images with modality {modality or 'missing'}; the mammography "
-                        "pipeline needs modality MG")
-    if classes == {SecondaryCaptureImageStorage}:
-        return Decision(None, "Secondary Capture images (screenshots, dose pages) are stored but not analysed")
-    if classes <= sop.CT_SOP_CLASSES:
-        if modality != "CT":
-            return Decision(None, f"CT image storage with modality {modality or 'missing'}; the pancreas "
-                            "pipeline reads CT")
-        slices = []
+    slices = []
+    if accepts.reads_slices(modality, classes):
         for r in rows:
             try:
-                slices.append(_slices(store.data_dir / r["path"]))
+                slices.append(_slice_facts(store.data_dir / r["path"]))
             except Exception as exc:  # an unreadable file must not stop the assessment of the others
                 log.warning("header unreadable during assembly", series=series["series_uid"], path=r["path"],
                             error=str(exc))
-        return decide_ct(slices, series["body_part"])
-    names = ", ".join(sorted(_sop_name(c) for c in classes))
-    return Decision(None, f"series mixes SOP classes ({names}); each pipeline reads one kind of image")
+    return accepts.decide(accepts.SeriesFacts(modality, classes, series["body_part"] or None, tuple(slices)))
 
 
 # -- the periodic pass ------------------------------------------------------------------------------

@@ -38,14 +38,12 @@ from appliance.dicom.header import parse_file
 from appliance.dicom.mpps import MPPS_SOP_CLASS, MppsService
 from appliance.logs import get_logger
 from appliance.store import Store, heartbeat
+from appliance.store.db import RECOVERY_MARGIN_S
 from appliance.store.instances import IncomingInstance, recover_instances
 
 log = get_logger(__name__)
 
 EXPORT_EVERY_S = 10.0
-
-
-RECOVERY_MARGIN_S = 120.0  # clock steps and coarse file-system timestamps: look this much further back
 SERVICE = "dicom"  # the heartbeat row (appliance.scheduler.scanner.DICOM_SERVICE reads it)
 
 

@@ -1,5 +1,6 @@
-"""Which series each pipeline accepts, stated once: used by `analyze`, and meant for series assembly
-(appliance/dicom/assembly.py) and the UI's explanation of why a series was not analysed.
+"""Which series each pipeline accepts, stated once: used by `analyze` (appliance/pipeline/analyze.py) and
+by series assembly (appliance/dicom/assembly.py), whose reason is what the UI shows for a series that was
+not analysed (series.reason). tests/test_series_acceptance.py fails if the two ever decide differently.
 
 A series is described by `SeriesFacts` (modality, SOP classes, body part, per-image `SliceFacts` read
 from headers only); `decide(facts)` returns the pipeline that reads it ("pancreas" | "mammo") or None
@@ -13,21 +14,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom.uid import (
-    UID,
-    CTImageStorage,
-    DigitalMammographyXRayImageStorageForPresentation,
-    DigitalMammographyXRayImageStorageForProcessing,
-    EnhancedCTImageStorage,
-    LegacyConvertedEnhancedCTImageStorage,
-    SecondaryCaptureImageStorage,
-)
+from pydicom.uid import UID, SecondaryCaptureImageStorage
+
+# The SOP class lists are the DICOM service's (appliance.dicom.sop: what it accepts); named here too for
+# the callers of this module. One list, two names.
+from appliance.dicom.sop import CT_SOP_CLASSES, MG_FOR_PRESENTATION, MG_FOR_PROCESSING, MG_SOP_CLASSES
 
 PIPELINES = ("pancreas", "mammo")
-CT_SOP_CLASSES = frozenset({CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage})
-MG_FOR_PRESENTATION = str(DigitalMammographyXRayImageStorageForPresentation)
-MG_FOR_PROCESSING = str(DigitalMammographyXRayImageStorageForProcessing)
-MG_SOP_CLASSES = frozenset({MG_FOR_PRESENTATION, MG_FOR_PROCESSING})
+# The header elements the rules read (slice_facts, series_facts): a reader that loads only some tags
+# (analyze's quick pass) must load these, or it decides on less than series assembly sees.
+HEADER_TAGS = ("SOPClassUID", "Modality", "BodyPartExamined", "ImageType", "NumberOfFrames", "ImageOrientationPatient",
+               "ImagePositionPatient", "SliceThickness", "SharedFunctionalGroupsSequence",
+               "PerFrameFunctionalGroupsSequence")
 MIN_SLICES = 20
 MAX_THICKNESS_MM = 5.0
 MAX_TILT_DEG = 30.0
@@ -174,6 +172,13 @@ def _sop_name(uid: str) -> str:
     return UID(uid).name if uid else "unknown SOP class"
 
 
+def reads_slices(modality: str, sop_classes: Iterable[str]) -> bool:
+    """Whether `decide` looks at the images' geometry (`SeriesFacts.slices`): only for CT images of modality
+    CT. Series assembly knows the modality and SOP classes from its index and reads headers only then."""
+    classes = frozenset(sop_classes)
+    return bool(classes) and classes <= CT_SOP_CLASSES and modality.upper() == "CT"
+
+
 def decide(facts: SeriesFacts) -> Decision:
     """The pipeline that reads this series, or None and why."""
     classes, modality = facts.sop_classes, facts.modality
@@ -189,10 +194,10 @@ def decide(facts: SeriesFacts) -> Decision:
                         "pipeline needs modality MG")
     if classes == {str(SecondaryCaptureImageStorage)}:
         return Decision(None, "Secondary Capture images (screenshots, dose pages) are stored but not analysed")
-    if classes <= CT_SOP_CLASSES:
-        if modality != "CT":
-            return Decision(None, f"CT image storage with modality {modality or 'missing'}; the pancreas "
-                            "pipeline reads CT")
+    if reads_slices(modality, classes):
         return decide_ct(facts.slices, facts.body_part)
+    if classes <= CT_SOP_CLASSES:
+        return Decision(None, f"CT image storage with modality {modality or 'missing'}; the pancreas "
+                        "pipeline reads CT")
     names = ", ".join(sorted(_sop_name(c) for c in classes))
     return Decision(None, f"series mixes SOP classes ({names}); each pipeline reads one kind of image")

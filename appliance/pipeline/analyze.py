@@ -35,9 +35,8 @@ log = get_logger("appliance.pipeline.analyze")
 __all__ = ["AnalysisRequest", "AnalysisSettings", "InputError", "Preempted", "analyze_study", "default_models_dir"]
 
 Progress = Callable[[str, float], None]
-_HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "Modality", "StudyInstanceUID", "SeriesInstanceUID", "ImageType",
-                "SeriesDescription", "NumberOfFrames", "Rows", "PixelData", "BodyPartExamined",
-                "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness", "SharedFunctionalGroupsSequence"]
+_HEADER_TAGS = ["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "SeriesDescription", "Rows", "PixelData",
+                *accepts.HEADER_TAGS]
 _MAX_ZIP_BYTES = 8 << 30
 _MODEL_CACHE: dict[tuple, Any] = {}
 
@@ -388,25 +387,28 @@ def _ct_key_images(result: Any, masks: dict[str, np.ndarray], findings: dict[str
         return np.logical_or.reduce([masks[k][z] for k in lesion_keys]) if lesion_keys else None
 
     pancreas = masks.get("pancreas")
+    centre = bbox_centre(pancreas) if pancreas is not None else None  # None: empty on the full-resolution grid
     written = []
     triage = findings["triage"].replace("_", " ")
-    if pancreas is not None:
-        z = bbox_centre(pancreas)[0]  # type: ignore[index]
+    if centre is not None:
+        z = centre[0]
         score = findings["abnormal_probability"]
         caption = (f"Pancreas ({findings['pancreas_volume_ml']:.1f} mL): {triage}"
                    + (f", score {score:.2f} (threshold {findings['threshold']:.2f})" if score is not None else "")
                    + ("" if findings["domain"]["in_domain"] else " - outside the validated domain"))
         written.append(ct_key_image(hu[z], spacing_yx, pancreas[z], lesions_at(z), caption,
                                     out_dir / "key_pancreas.png"))
-    else:  # nothing found is a result too: show the middle slice with the reason
+    else:  # nothing found is a result too: show the middle slice with the reason and the triage as it stands
         z = hu.shape[0] // 2
-        written.append(ct_key_image(hu[z], spacing_yx, None, None, "No pancreas found by stage 1: result indeterminate",
+        what = "No pancreas found by stage 1" if pancreas is None else "Pancreas too small to show on the source slices"
+        written.append(ct_key_image(hu[z], spacing_yx, None, None, f"{what}: result {triage}",
                                     out_dir / "key_pancreas.png"))
     for lesion in findings["lesions"]:
         mask = masks.get(lesion["id"])
-        if mask is None or not mask.any():
+        lesion_centre = bbox_centre(mask) if mask is not None else None
+        if lesion_centre is None:
             continue
-        z = bbox_centre(mask)[0]  # type: ignore[index]
+        z = lesion_centre[0]
         path = ct_key_image(hu[z], spacing_yx, None if pancreas is None else pancreas[z], mask[z],
                             _lesion_caption(lesion), out_dir / f"key_{lesion['id']}.png")
         lesion["key_image"] = path.name
@@ -522,7 +524,7 @@ def _run_mammo(run: _Run, series: list[SeriesInfo]) -> dict[str, Any]:
     from appliance.modelcard import Percentile
     from appliance.pipeline import mammo
     from appliance.pipeline.domain.gate import assess_mg
-    from appliance.pipeline.keyimages import mammo_key_image
+    from appliance.pipeline.keyimages import mammo_heatmap_overlay, mammo_key_image
 
     settings = run.settings
     files = [f for s in series for f in s.files]
@@ -555,10 +557,11 @@ def _run_mammo(run: _Run, series: list[SeriesInfo]) -> dict[str, Any]:
                 gate_inputs.append((header, pixels, mammo.percentile_scale(pixels, norm.low, norm.high), img.features))
             key = mammo_key_image(pixels, img.heatmap, caption, run.out_dir / f"key_mammo_{i + 1}_{img.laterality}_{img.view}.png")
             keys.append(key)
+            heat = mammo_heatmap_overlay(img.heatmap, run.out_dir / f"heatmap_mammo_{i + 1}_{img.laterality}_{img.view}.png")
             images.append({"path": str(img.path.name), "laterality": img.laterality, "view": img.view,
                            "abnormal_probability": float(img.abnormal_probability),
                            "malignant_probability": float(img.malignant_probability), "key_image": key.name,
-                           "notes": list(img.notes)})
+                           "heatmap": heat.name, "notes": list(img.notes)})
         domain = assess_mg(card, gate_inputs)
         findings = {
             "pipeline": "mammo", "triage": result.triage if domain.in_domain else "indeterminate",

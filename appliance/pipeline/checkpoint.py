@@ -72,15 +72,14 @@ class CheckpointStore:
         self.directory = Path(directory) if directory is not None else None
         self.key = key
         if self.directory is not None:
-            self._claim()
+            self._claim(self.directory)
 
     @property
     def enabled(self) -> bool:
         return self.directory is not None
 
-    def _claim(self) -> None:
-        assert self.directory is not None
-        key_path = self.directory / _KEY_FILE
+    def _claim(self, directory: Path) -> None:
+        key_path = directory / _KEY_FILE
         if key_path.is_file():
             try:
                 stored = json.loads(key_path.read_text())
@@ -88,21 +87,21 @@ class CheckpointStore:
                 stored = None
             if stored == self.key:
                 return
-            log.warning("checkpoint made for other inputs or models; discarded", directory=str(self.directory))
-            remove_states(self.directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+            log.warning("checkpoint made for other inputs or models; discarded", directory=str(directory))
+            remove_states(directory)
+        directory.mkdir(parents=True, exist_ok=True)
         atomic_write_json(key_path, self.key)
 
-    def _paths(self, name: str) -> tuple[Path, Path]:
-        assert self.directory is not None
+    @staticmethod
+    def _paths(directory: Path, name: str) -> tuple[Path, Path]:
         safe = name.replace("/", "_")
-        return self.directory / f"{safe}.npz", self.directory / f"{safe}.json"
+        return directory / f"{safe}.npz", directory / f"{safe}.json"
 
     def save(self, name: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         """Persist one state: the npz first, then the JSON that commits it."""
         if self.directory is None:
             return
-        npz_path, json_path = self._paths(name)
+        npz_path, json_path = self._paths(self.directory, name)
         data = _npz_bytes(arrays)
         atomic_write_bytes(npz_path, data)
         record = {"meta": meta, "npz_bytes": len(data), "npz_sha256": hashlib.sha256(data).hexdigest()}
@@ -112,7 +111,7 @@ class CheckpointStore:
         """The saved state, or None when absent or damaged (then the stage simply runs again)."""
         if self.directory is None:
             return None
-        npz_path, json_path = self._paths(name)
+        npz_path, json_path = self._paths(self.directory, name)
         if not json_path.is_file() or not npz_path.is_file():
             return None
         try:
@@ -130,7 +129,7 @@ class CheckpointStore:
     def drop(self, name: str) -> None:
         if self.directory is None:
             return
-        for path in self._paths(name):
+        for path in self._paths(self.directory, name):
             path.unlink(missing_ok=True)
 
     def clear(self) -> None:

@@ -87,3 +87,17 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
 def flag_rate(flags: list[bool] | np.ndarray) -> float:
     arr = np.asarray(flags, dtype=bool)
     return float(arr.mean()) if arr.size else float("nan")
+
+
+def truncated(value: float, digits: int = 3) -> str:
+    """A figure as the project reports it: truncated, never rounded up, so it never looks better than
+    measured (0.9999 -> "0.999"); "n/a" for a missing or undefined one."""
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    q = 10 ** digits
+    return f"{np.floor(float(value) * q) / q:.{digits}f}"
+
+
+def figure(value: float, ci: list[float] | None = None, digits: int = 3) -> str:
+    """`truncated` with its 95% interval: "0.912 (95% CI 0.850-0.951)"."""
+    return truncated(value, digits) + (f" (95% CI {truncated(ci[0], digits)}-{truncated(ci[1], digits)})" if ci else "")

@@ -451,7 +451,8 @@ def _classify_lesion(model: StageModel, hu: np.ndarray, grid: Grid, stage1: Stag
     pre = model.card.preprocessing
     if pre.crop_size is None:
         raise PipelineError("pancreas.stage3: the card needs a crop_size (a lesion-centred box)")
-    assert stage2.grid is not None and stage2.components is not None
+    if stage2.grid is None or stage2.components is None:
+        raise PipelineError(f"pancreas.stage3: stage 2 reported lesion {k} without a lesion map to crop it from")
     zgrid = zoomed_grid(grid, pre.target_spacing_mm or grid.spacing)
     lo, hi = bbox(stage2.components == k)  # type: ignore[misc]
     centre = np.rint(zgrid.to_index(stage2.grid.to_lps((lo + hi) / 2.0))).astype(int)
@@ -463,7 +464,8 @@ def _classify_lesion(model: StageModel, hu: np.ndarray, grid: Grid, stage1: Stag
                 **stage1_mask_channels(model.card, stage1, box_grid)}
     outputs = model.predict({k2: v[None] for k2, v in _channel_stack(model.card, channels).items()})
     spec = _output(model.card, "classification")
-    assert spec is not None
+    if spec is None:
+        raise PipelineError(f"{model.card.role}: the card declares no classification output; stage 3 needs one")
     return np.asarray(outputs[spec.name], dtype=np.float32).reshape(-1)
 
 

@@ -171,7 +171,9 @@ class _Rail:
     def watts(self) -> float:
         if self.power_mw is not None:
             return _read_int(self.power_mw) / 1000.0
-        assert self.voltage_mv is not None and self.current_ma is not None
+        if self.voltage_mv is None or self.current_ma is None:
+            raise MeterUnavailable(f"INA3221 rail {self.name}: no power file and no voltage and current pair to "
+                                   "compute it from")
         return _read_int(self.voltage_mv) * _read_int(self.current_ma) / 1e6
 
 

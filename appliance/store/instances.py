@@ -24,14 +24,14 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 from appliance.logs import get_logger
-from appliance.store.db import Store
-from appliance.store.files import TMP_SUFFIX, fsync_dir, remove_temp_files
+from appliance.store.db import Store, reconcile_dir, series_dirs
+from appliance.store.files import TMP_SUFFIX, fsync_dir
 
 log = get_logger(__name__)
 
@@ -258,51 +258,6 @@ def reingest_unclaimed(store: Store, unclaimed: Sequence[str],
 
 
 # -- start-up recovery that does not walk a million files ---------------------------------------------
-def series_dirs(store: Store, *, modified_since: float | None = None,
-                stop: Callable[[], bool] | None = None) -> Iterator[Path]:
-    """The series directories under files/ (files/<study>/<series>), or only those whose entries changed at or
-    after `modified_since`: adding, renaming or removing a file updates its directory's mtime, so a file
-    written since then lies in such a directory. One scandir per study and one stat per series, never a
-    walk of the instances themselves."""
-    try:
-        studies = list(os.scandir(store.files_dir))
-    except FileNotFoundError:
-        return
-    for study in studies:
-        if stop is not None and stop():
-            return
-        if not study.is_dir(follow_symlinks=False):
-            continue
-        try:
-            entries = list(os.scandir(study.path))
-        except OSError:
-            continue
-        for series in entries:
-            try:
-                if series.is_dir(follow_symlinks=False) and (
-                        modified_since is None or series.stat(follow_symlinks=False).st_mtime >= modified_since):
-                    yield Path(series.path)
-            except OSError:
-                continue
-
-
-def reconcile_dir(store: Store, directory: Path) -> dict[str, list[str]]:
-    """One series directory against the index: dead writers' temp files removed, files no row claims,
-    rows whose files are gone (relative paths, as Store.recover reports them)."""
-    removed = remove_temp_files(directory)
-    prefix = str(directory.relative_to(store.data_dir)) + "/"
-    # a range on the UNIQUE path index: every path under the directory ('0' sorts right after '/')
-    claimed = {row["path"] for row in store.query("SELECT path FROM instances WHERE path >= ? AND path < ?",
-                                                  (prefix, prefix[:-1] + "0"))}
-    try:
-        on_disk = {prefix + entry.name for entry in os.scandir(directory)
-                   if entry.name.endswith(".dcm") and entry.is_file(follow_symlinks=False)}
-    except FileNotFoundError:
-        on_disk = set()
-    return {"removed_temp_files": [str(p) for p in removed], "unclaimed_files": sorted(on_disk - claimed),
-            "missing_files": sorted(claimed - on_disk)}
-
-
 def recover_instances(store: Store, describe: Callable[[Path], IncomingInstance],
                       quarantine_reason: Callable[[Path, Exception], str] | None = None, *,
                       modified_since: float | None = None, stop: Callable[[], bool] | None = None
@@ -313,7 +268,7 @@ def recover_instances(store: Store, describe: Callable[[Path], IncomingInstance]
     totals: dict[str, int | list[str]] = {"directories": 0, "removed_temp_files": 0, "indexed": 0, "duplicates": 0,
                                           "quarantined": 0, "missing_files": []}
     missing: list[str] = []
-    for directory in series_dirs(store, modified_since=modified_since, stop=stop):
+    for directory in series_dirs(store.files_dir, modified_since=modified_since, stop=stop):
         report = reconcile_dir(store, directory)
         totals["directories"] = int(totals["directories"]) + 1
         totals["removed_temp_files"] = int(totals["removed_temp_files"]) + len(report["removed_temp_files"])
@@ -404,35 +359,3 @@ def list_quarantine(store: Store, limit: int | None = None) -> list[dict]:
     sql = "SELECT * FROM quarantine ORDER BY received_at DESC, id DESC"
     rows = store.query(sql + (" LIMIT ?" if limit else ""), (limit,) if limit else ())
     return [dict(r) for r in rows]
-
-
-# -- listing -----------------------------------------------------------------------------------------
-def list_studies(store: Store, limit: int | None = None) -> list[dict]:
-    """Studies with their series, instance counts and state, newest first (the `studies` command).
-
-    The job columns are the series' job; for the MG series of a mammography exam, the exam's one job.
-    Two queries whatever the number of studies (the studies, then all their series at once), and the
-    instance counts come from the series index, so a year of studies lists without a query per study.
-    """
-    studies = [dict(r) for r in store.query("SELECT * FROM studies ORDER BY received_at DESC"
-                                            + (" LIMIT ?" if limit else ""), (limit,) if limit else ())]
-    by_uid = {st["study_uid"]: {**st, "series": []} for st in studies}
-    if not by_uid:
-        return []
-    uids = list(by_uid)
-    for chunk in range(0, len(uids), 500):
-        part = uids[chunk:chunk + 500]
-        marks = ", ".join("?" * len(part))
-        for se in store.query(
-            f"""SELECT se.*, (SELECT COUNT(*) FROM instances i WHERE i.series_uid = se.series_uid) AS instances,
-                      j.id AS job_id, j.state AS job_state, j.waiting_reason, j.error AS job_error, j.stage AS job_stage,
-                      j.progress AS job_progress, r.triage
-               FROM series se
-               LEFT JOIN jobs j ON j.id = COALESCE(
-                   (SELECT MAX(id) FROM jobs WHERE series_uid = se.series_uid),
-                   CASE WHEN se.pipeline = 'mammo' THEN (SELECT MAX(id) FROM jobs WHERE study_uid = se.study_uid
-                                                         AND pipeline = 'mammo') END)
-               LEFT JOIN results r ON r.job_id = j.id
-               WHERE se.study_uid IN ({marks}) ORDER BY se.number, se.first_received_at""", tuple(part)):
-            by_uid[se["study_uid"]]["series"].append(dict(se))
-    return [by_uid[st["study_uid"]] for st in studies]

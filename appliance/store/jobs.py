@@ -132,6 +132,10 @@ def enqueue(store: Store, study_uid: str, series_uid: str, pipeline: str, *, pri
 
     `created_at`, `urgent` and `run_now` let the clinic-day simulator replay a trace's arrivals.
     """
+    from appliance.pipeline.accepts import PIPELINES  # the one list of pipelines (no schema CHECK names them)
+
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline {pipeline!r}: use one of {', '.join(PIPELINES)}")
     if state not in ("queued", "receiving"):
         raise InvalidTransition(f"a new job starts queued or receiving, not {state}")
     now = time.time() if created_at is None else created_at

@@ -200,4 +200,62 @@ MIGRATIONS: list[str] = [
     ALTER TABLE studies ADD COLUMN images_purged_at REAL;
     ALTER TABLE results ADD COLUMN outputs_purged_at REAL
     """,
+    # 8 (issue 17, one source of truth): jobs without the CHECK that named the pipelines (which pipelines exist
+    # is appliance.pipeline.accepts.PIPELINES; store.jobs.enqueue refuses any other). SQLite cannot drop a
+    # CHECK, so the table is rebuilt with every column, row, index and its AUTOINCREMENT counter. results is
+    # rebuilt with it: its job_id references jobs, and with foreign keys on (they cannot be switched off inside
+    # the migration's transaction) dropping jobs under result rows fails, so the new results references the new
+    # jobs, whose rename then carries the reference along. The renames run with legacy_alter_table on: the
+    # modern rename re-checks every trigger in the schema, and the worklist's triggers on studies and series
+    # name jobs, which does not exist between the drop and the rename (with foreign keys on, the legacy rename
+    # still rewrites results' reference). Triggers ON the two tables go with them: the worklist's are
+    # reinstalled, and its table rebuilt, on first use (appliance.store.worklist.ensure_worklist).
+    """
+    PRAGMA legacy_alter_table = ON;
+    CREATE TABLE jobs_v8 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        study_uid TEXT NOT NULL REFERENCES studies(study_uid),
+        series_uid TEXT NOT NULL REFERENCES series(series_uid),
+        pipeline TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('receiving', 'queued', 'running', 'done', 'failed', 'quarantined')),
+        stage TEXT, checkpoint TEXT,
+        priority INTEGER NOT NULL DEFAULT 0, urgent INTEGER NOT NULL DEFAULT 0, run_now INTEGER NOT NULL DEFAULT 0,
+        lease_owner TEXT, lease_expires REAL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        waiting_reason TEXT, error TEXT,
+        created_at REAL NOT NULL, updated_at REAL NOT NULL, started_at REAL, finished_at REAL,
+        progress REAL, retry_counts TEXT, not_before REAL, error_class TEXT,
+        UNIQUE (series_uid, pipeline)
+    );
+    INSERT INTO jobs_v8 (id, study_uid, series_uid, pipeline, state, stage, checkpoint, priority, urgent, run_now,
+                         lease_owner, lease_expires, attempts, waiting_reason, error, created_at, updated_at,
+                         started_at, finished_at, progress, retry_counts, not_before, error_class)
+        SELECT id, study_uid, series_uid, pipeline, state, stage, checkpoint, priority, urgent, run_now,
+               lease_owner, lease_expires, attempts, waiting_reason, error, created_at, updated_at,
+               started_at, finished_at, progress, retry_counts, not_before, error_class FROM jobs;
+    CREATE TABLE results_v8 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id INTEGER NOT NULL UNIQUE REFERENCES jobs_v8(id),
+        study_uid TEXT NOT NULL, triage TEXT NOT NULL, findings TEXT NOT NULL, output_dir TEXT,
+        reviewed_by TEXT, reviewed_at REAL, created_at REAL NOT NULL,
+        outputs_purged_at REAL
+    );
+    INSERT INTO results_v8 (id, job_id, study_uid, triage, findings, output_dir, reviewed_by, reviewed_at, created_at,
+                            outputs_purged_at)
+        SELECT id, job_id, study_uid, triage, findings, output_dir, reviewed_by, reviewed_at, created_at,
+               outputs_purged_at FROM results;
+    DELETE FROM sqlite_sequence WHERE name IN ('jobs_v8', 'results_v8');
+    INSERT INTO sqlite_sequence (name, seq)
+        SELECT name || '_v8', seq FROM sqlite_sequence WHERE name IN ('jobs', 'results');
+    DROP TABLE results;
+    DROP TABLE jobs;
+    ALTER TABLE jobs_v8 RENAME TO jobs;
+    ALTER TABLE results_v8 RENAME TO results;
+    PRAGMA legacy_alter_table = OFF;
+    CREATE INDEX jobs_state ON jobs(state, urgent DESC, priority DESC, created_at);
+    CREATE INDEX jobs_study ON jobs(study_uid, id);
+    CREATE INDEX jobs_queued ON jobs(run_now, urgent, priority, created_at) WHERE state = 'queued';
+    CREATE INDEX jobs_running_lease ON jobs(lease_expires) WHERE state = 'running';
+    CREATE INDEX results_study ON results(study_uid)
+    """,
 ]
