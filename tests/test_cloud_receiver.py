@@ -1,5 +1,7 @@
 """The fleet receiver as a real process: idempotent storage (a UNIQUE key, not a check in Python), resumable
-uploads, device tokens, its page; on SQLite and on a real PostgreSQL with two receiver processes."""
+uploads, device tokens, its page; on SQLite and on a real PostgreSQL with two receiver processes.
+
+The API tests share one receiver (each its own devices); its teardown checks that SIGTERM stops it cleanly."""
 
 from __future__ import annotations
 
@@ -117,34 +119,45 @@ def call(url: str, method: str = "GET", body: dict | bytes | None = None, header
 DEV = {"X-Edgescreen-Device": "box-1", "X-Edgescreen-Site": "Clinic One"}
 
 
-def test_items_are_stored_once_and_the_page_lists_the_site(tmp_path: Path) -> None:
-    with receiver(tmp_path / "cloud", "--allow-any-device") as rec:
-        item = {"key": "cloud.finding:abc", "kind": "cloud.finding", "group": "cloud:s1",
-                "body": {"study": "2.25.1", "pipeline": "pancreas", "triage": "suspicious",
-                         "abnormal_probability": 0.93, "threshold": 0.5, "lesions": [{"id": "lesion_1"}]}}
-        assert call(rec.url + "/api/v1/items", "POST", item, DEV) == (201, {"status": "stored"})
-        assert call(rec.url + "/api/v1/items", "POST", item, DEV) == (200, {"status": "duplicate"})
-        other = {**DEV, "X-Edgescreen-Device": "box-2"}
-        assert call(rec.url + "/api/v1/items", "POST", item, other)[0] == 201, "keys are per device"
-        health = {"key": "cloud.health:box-1:1", "kind": "cloud.health", "body": {"version": "9.9", "queue": {
-            "queued": 3}, "outbox": {"pending": 1}, "disk": {"free_gb": 12.5}, "power": {"state": "mains"}}}
-        assert call(rec.url + "/api/v1/items", "POST", health, DEV)[0] == 201
-        # what the receiver refuses, and says why
-        assert call(rec.url + "/api/v1/items", "POST", {**item, "kind": "cloud.bogus"}, DEV)[0] == 422
-        assert call(rec.url + "/api/v1/items", "POST", {"kind": "cloud.finding"}, DEV)[0] == 400
-        assert call(rec.url + "/api/v1/items", "POST", {**item, "key": "bad key!"}, DEV)[0] == 400
-        assert call(rec.url + "/api/v1/items", "POST", b"not json", DEV)[0] == 400
-        assert call(rec.url + "/api/v1/items", "POST", item)[0] == 400, "no device name"
-        status, page = call(rec.url + "/")
-        assert status == 200 and "box-1" in page and "Clinic One" in page and "suspicious" in page
-        assert "RESEARCH USE ONLY" in page and "edgescreen 9.9" in page and "queue 3" in page
-        sites = {s["device_id"]: s for s in call(rec.url + "/api/v1/sites")[1]["sites"]}
-        assert sites["box-1"]["counts"]["cloud.finding"] == 1 and sites["box-2"]["counts"]["cloud.finding"] == 1
-        assert sites["box-1"]["last_contact"] > time.time() - 60
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Receiver]:
+    with receiver(tmp_path_factory.mktemp("cloud"), "--allow-any-device") as rec:
+        yield rec
         assert rec.stop() == 0, "SIGTERM stops the receiver cleanly"
+
+
+def test_items_are_stored_once_and_the_page_lists_the_site(shared: Receiver) -> None:
+    rec = shared
+    item = {"key": "cloud.finding:abc", "kind": "cloud.finding", "group": "cloud:s1",
+            "body": {"study": "2.25.1", "pipeline": "pancreas", "triage": "suspicious",
+                     "abnormal_probability": 0.93, "threshold": 0.5, "lesions": [{"id": "lesion_1"}]}}
+    assert call(rec.url + "/api/v1/items", "POST", item, DEV) == (201, {"status": "stored"})
+    assert call(rec.url + "/api/v1/items", "POST", item, DEV) == (200, {"status": "duplicate"})
+    other = {**DEV, "X-Edgescreen-Device": "box-2"}
+    assert call(rec.url + "/api/v1/items", "POST", item, other)[0] == 201, "keys are per device"
+    health = {"key": "cloud.health:box-1:1", "kind": "cloud.health", "body": {"version": "9.9", "queue": {
+        "queued": 3}, "outbox": {"pending": 1}, "disk": {"free_gb": 12.5}, "power": {"state": "mains"}}}
+    assert call(rec.url + "/api/v1/items", "POST", health, DEV)[0] == 201
+    # what the receiver refuses, and says why
+    assert call(rec.url + "/api/v1/items", "POST", {**item, "kind": "cloud.bogus"}, DEV)[0] == 422
+    assert call(rec.url + "/api/v1/items", "POST", {"kind": "cloud.finding"}, DEV)[0] == 400
+    assert call(rec.url + "/api/v1/items", "POST", {**item, "key": "bad key!"}, DEV)[0] == 400
+    assert call(rec.url + "/api/v1/items", "POST", b"not json", DEV)[0] == 400
+    assert call(rec.url + "/api/v1/items", "POST", item)[0] == 400, "no device name"
+    outside = {"key": "cloud.finding:out", "kind": "cloud.finding", "group": "cloud:s2", "body": {
+        "study": "2.25.2", "pipeline": "mammo", "triage": "indeterminate", "abnormal_probability": 0.8, "threshold": 0.79,
+        "domain": {"in_domain": False, "reasons": ["the mammo model card states no validated domain"]}}}
+    assert call(rec.url + "/api/v1/items", "POST", outside, DEV)[0] == 201
+    status, page = call(rec.url + "/")
+    assert status == 200 and "box-1" in page and "Clinic One" in page and "suspicious" in page
+    assert "no: the mammo model card states no validated domain" in page, "why a finding is indeterminate"
+    assert "RESEARCH USE ONLY" in page and "edgescreen 9.9" in page and "queue 3" in page
+    sites = {s["device_id"]: s for s in call(rec.url + "/api/v1/sites")[1]["sites"]}
+    assert sites["box-1"]["counts"]["cloud.finding"] == 2 and sites["box-2"]["counts"]["cloud.finding"] == 1
+    assert sites["box-1"]["last_contact"] > time.time() - 60
     import sqlite3
 
-    with sqlite3.connect(tmp_path / "cloud" / "receiver.db") as db:
+    with contextlib.closing(sqlite3.connect(rec.data_dir / "receiver.db", timeout=30)) as db:
         assert db.execute("SELECT COUNT(*) FROM items WHERE idempotency_key = 'cloud.finding:abc'").fetchone()[0] == 2
         with pytest.raises(sqlite3.IntegrityError):  # the constraint itself, not Python, refuses a second row
             db.execute("INSERT INTO items (device_id, idempotency_key, kind, received_at, size, sha256) "
@@ -170,30 +183,30 @@ def _upload(url: str, key: str, data: bytes, headers: dict, *, upto: int | None 
     return call(url + f"/api/v1/uploads/{upload}/complete", "POST", b"", headers)[1]
 
 
-def test_uploads_resume_where_they_stopped_and_are_checked(tmp_path: Path) -> None:
+def test_uploads_resume_where_they_stopped_and_are_checked(shared: Receiver) -> None:
     data = os.urandom(5500)
-    with receiver(tmp_path / "cloud", "--allow-any-device") as rec:
-        partial = _upload(rec.url, "cloud.seg:k1", data, DEV, upto=3000)
-        assert partial["offset"] == 3000
-        # a new client (the sync service after a restart) opens it again and is told where it stands
-        status, again = call(rec.url + "/api/v1/uploads", "POST", {"key": "cloud.seg:k1", "kind": "cloud.seg",
-                             "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, DEV)
-        assert (status, again["upload"], again["offset"]) == (200, partial["upload"], 3000)
-        # a chunk at the wrong offset is refused with the offset to continue from
-        status, answer = call(rec.url + f"/api/v1/uploads/{partial['upload']}", "PUT", data[:1000],
-                              {**DEV, "Upload-Offset": "0"})
-        assert (status, answer["offset"]) == (409, 3000)
-        assert _upload(rec.url, "cloud.seg:k1", data, DEV) == {"status": "stored"}
-        assert _upload(rec.url, "cloud.seg:k1", data, DEV) == {"status": "duplicate"}
-        # damaged on the way: the digest does not match, the upload is reset, nothing is stored
-        tampered = data[:-1] + bytes([data[-1] ^ 1])
-        status, opened = call(rec.url + "/api/v1/uploads", "POST", {"key": "cloud.seg:k3", "kind": "cloud.seg",
-                              "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, DEV)
-        call(rec.url + f"/api/v1/uploads/{opened['upload']}", "PUT", tampered, {**DEV, "Upload-Offset": "0"})
-        status, answer = call(rec.url + f"/api/v1/uploads/{opened['upload']}/complete", "POST", b"", DEV)
-        assert status == 422 and "sha256" in answer["error"]
-        sites = {s["device_id"]: s for s in call(rec.url + "/api/v1/sites")[1]["sites"]}
-        assert sites["box-1"]["counts"]["cloud.seg"] == 1
+    rec, dev = shared, {"X-Edgescreen-Device": "box-up"}  # this test's own device
+    partial = _upload(rec.url, "cloud.seg:k1", data, dev, upto=3000)
+    assert partial["offset"] == 3000
+    # a new client (the sync service after a restart) opens it again and is told where it stands
+    status, again = call(rec.url + "/api/v1/uploads", "POST", {"key": "cloud.seg:k1", "kind": "cloud.seg",
+                         "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, dev)
+    assert (status, again["upload"], again["offset"]) == (200, partial["upload"], 3000)
+    # a chunk at the wrong offset is refused with the offset to continue from
+    status, answer = call(rec.url + f"/api/v1/uploads/{partial['upload']}", "PUT", data[:1000],
+                          {**dev, "Upload-Offset": "0"})
+    assert (status, answer["offset"]) == (409, 3000)
+    assert _upload(rec.url, "cloud.seg:k1", data, dev) == {"status": "stored"}
+    assert _upload(rec.url, "cloud.seg:k1", data, dev) == {"status": "duplicate"}
+    # damaged on the way: the digest does not match, the upload is reset, nothing is stored
+    tampered = data[:-1] + bytes([data[-1] ^ 1])
+    status, opened = call(rec.url + "/api/v1/uploads", "POST", {"key": "cloud.seg:k3", "kind": "cloud.seg",
+                          "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, dev)
+    call(rec.url + f"/api/v1/uploads/{opened['upload']}", "PUT", tampered, {**dev, "Upload-Offset": "0"})
+    status, answer = call(rec.url + f"/api/v1/uploads/{opened['upload']}/complete", "POST", b"", dev)
+    assert status == 422 and "sha256" in answer["error"]
+    sites = {s["device_id"]: s for s in call(rec.url + "/api/v1/sites")[1]["sites"]}
+    assert sites["box-up"]["counts"]["cloud.seg"] == 1
 
 
 def test_device_tokens(tmp_path: Path) -> None:
@@ -226,25 +239,25 @@ def test_a_bad_database_url_is_a_clear_error(tmp_path: Path) -> None:
 def test_two_receiver_processes_on_one_postgresql_keep_each_item_once(tmp_path: Path) -> None:
     with postgres() as pg, receiver(tmp_path / "a", "--allow-any-device", database_url=pg.url, name="a") as a, \
             receiver(tmp_path / "b", "--allow-any-device", database_url=pg.url, name="b") as b:
-        # the same 30 items posted to both processes at once, from 6 threads: the database keeps one of each
+        # the same 20 items posted to both processes at once, from 4 threads: the database keeps one of each
         results: list[int] = []
         lock = threading.Lock()
 
         def post(url: str, start: int) -> None:
-            for i in range(30):
-                key = f"cloud.finding:{(i + start) % 30}"
+            for i in range(20):
+                key = f"cloud.finding:{(i + start) % 20}"
                 status, _ = call(url + "/api/v1/items", "POST",
                                  {"key": key, "kind": "cloud.finding", "body": {"n": i}}, DEV)
                 with lock:
                     results.append(status)
 
-        threads = [threading.Thread(target=post, args=(url, k * 7)) for k in range(3) for url in (a.url, b.url)]
+        threads = [threading.Thread(target=post, args=(url, k * 7)) for k in range(2) for url in (a.url, b.url)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert results.count(201) == 30 and results.count(200) == 150, sorted(set(results))
-        assert pg.psql("SELECT COUNT(*), COUNT(DISTINCT idempotency_key) FROM items").strip() == "30|30"
+        assert results.count(201) == 20 and results.count(200) == 60, sorted(set(results))
+        assert pg.psql("SELECT COUNT(*), COUNT(DISTINCT idempotency_key) FROM items").strip() == "20|20"
         # an upload begun at one process is finished at the other
         data = os.urandom(4000)
         partial = _upload(a.url, "cloud.sr:x", data, DEV, upto=2000)

@@ -191,3 +191,70 @@ def test_finding_summary_keeps_the_verdict_and_drops_identity(analysed: dict) ->
     assert summary["disclaimer"].startswith("RESEARCH USE ONLY")
     with pytest.raises(DeidError):
         finding_summary({**findings, "bundle": PHI["PatientID"]}, deid, forbidden=[PHI["PatientID"]])
+
+
+def _gate_report_quoting(description: str, kernel: str) -> dict:
+    """What the real domain gate writes for a CT whose headers it quotes: a contrast phase read from the study
+    description (flagged) and a kernel name it does not know (not checked)."""
+    from appliance.modelcard import Domain
+    from appliance.pipeline.domain.attributes import check_ct
+    from appliance.pipeline.domain.verdict import DomainReport
+
+    ds = Dataset()
+    ds.Modality, ds.StudyDescription, ds.ConvolutionKernel = "CT", description, kernel
+    report = DomainReport()
+    check_ct(Domain(modality=["CT"], contrast_phase=["non_contrast"], kernel_family=["soft"], source="test"), ds,
+             (3.0, 0.8, 0.8), report)
+    doc = report.to_json()
+    assert description in " ".join(doc["reasons"]) and kernel in " ".join(doc["checks"].values()), doc
+    return doc
+
+
+def test_sr_text_that_quotes_a_header_leaves_without_it(analysed: dict) -> None:
+    """The SR's domain-reason TEXT items quote the StudyDescription (free text, Annex E "X"): what they quote is
+    removed; the sentence and the rest of the SR stay."""
+    reasons = _gate_report_quoting("CT ABD ARTERIAL JANE DOE", "ZZQ91")["reasons"]
+    reason = next(r for r in reasons if r.startswith("contrast phase"))
+    sr = pydicom.dcmread(analysed["sr"])
+    item = Dataset()
+    item.RelationshipType, item.ValueType, item.TextValue = "CONTAINS", "TEXT", reason
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "121106", "DCM", "Comment"
+    item.ConceptNameCodeSequence = Sequence([code])
+    sr.ContentSequence.append(item)
+    encoded = Deidentifier(DeidPolicy(SECRET)).encode(sr)
+    result = pydicom.dcmread(__import__("io").BytesIO(encoded))
+    texts = [str(e.value) for e in result.iterall() if e.keyword == "TextValue"]
+    assert b"JANE" not in encoded and b"CT ABD ARTERIAL" not in encoded
+    assert any(t.startswith("contrast phase arterial (description '<removed>')") for t in texts), texts
+    assert any(t.startswith("RESEARCH USE ONLY") for t in texts), "our own sentences are kept"
+
+
+def test_the_summarys_domain_verdict_keeps_no_header_text(analysed: dict) -> None:
+    findings = {**analysed["findings"], "domain": _gate_report_quoting("ABDOMEN ARTERIAL HOUSE^GREGORY", "ZZQ91 ACC991")}
+    deid = Deidentifier(DeidPolicy(SECRET))
+    summary = finding_summary(findings, deid, forbidden=_forbidden(analysed))
+    text = __import__("json").dumps(summary)
+    assert "GREGORY" not in text and "ACC991" not in text and "ABDOMEN ARTERIAL" not in text
+    assert summary["domain"]["in_domain"] is False and summary["domain"]["checks"]["dicom"] == "flagged"
+    assert any(r.startswith("contrast phase arterial (description '<removed>')") for r in summary["domain"]["reasons"])
+    assert set(summary["domain"]["checks"].values()) <= {"passed", "flagged", "not checked"}
+
+
+def test_an_id_inside_a_number_is_not_a_leak_but_as_a_word_it_is(analysed: dict) -> None:
+    """The last check matches identifiers as whole tokens: an MRN 48213977 is not 'found' inside a probability
+    0.4821397712 (that would hold back a real finding), but the ID written as a word is refused."""
+    deid = Deidentifier(DeidPolicy(SECRET))
+    findings = {**analysed["findings"], "abnormal_probability": 0.4821397712}
+    assert finding_summary(findings, deid, forbidden=["48213977"])["abnormal_probability"] == 0.4821397712
+    with pytest.raises(DeidError):
+        finding_summary({**findings, "bundle": "bundle-48213977"}, deid, forbidden=["48213977"])
+
+
+def test_a_uid_hidden_in_binary_data_is_still_found(analysed: dict) -> None:
+    """The last check reads the encoded bytes too: a source UID inside a binary value (which no element check
+    reads), even with digits right against it, holds the item back."""
+    ds = pydicom.dcmread(analysed["ct"][0])
+    ds.ICCProfile = b"\x00\x319" + str(ds.StudyInstanceUID).encode() + b"7.\x00"
+    with pytest.raises(DeidError, match="bytes containing"):
+        Deidentifier(DeidPolicy(SECRET)).dataset(ds)

@@ -2,8 +2,10 @@
 mid-body and truncates, to two receiver processes on one real PostgreSQL (the client alternating between
 them), with the sync process SIGKILLed at random points and a receiver killed and restarted.
 
-`make test` runs a bounded sample (120 items, 6 kills); `make drills` runs the full drill with
-SYNC_DRILL_ITEMS=1000 SYNC_DRILL_KILLS=20. Nothing that reaches the receiver may carry the patient's name, ID or the
+`make test` runs a bounded sample (60 items, 4 kills, a receiver killed and restarted once); `make drills` runs
+the full drill with SYNC_DRILL_ITEMS=1000 SYNC_DRILL_KILLS=20 SYNC_DRILL_RESTARTS=2. Each SIGKILL lands at a random point of real work: once the
+process has moved the outbox a random number of steps (a row sent or deferred), plus a random fraction of a
+second, never during its start-up. Nothing that reaches the receiver may carry the patient's name, ID or the
 original study UID.
 """
 
@@ -16,6 +18,7 @@ import random
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
@@ -83,27 +86,55 @@ def sync_process(data_dir: Path, config: Path, *args: str, log: Path) -> subproc
                                 stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=REPO)
 
 
-def run_drill(tmp_path: Path, n_items: int, kills: int, *, seed: int = 7) -> dict:
+def _moved(store: Store) -> int:
+    """How far the senders have moved the outbox: rows sent plus attempts made (each failure counts one)."""
+    return int(store.query_one("SELECT COALESCE(SUM(attempts), 0) + SUM(state = 'sent') FROM outbox")[0] or 0)
+
+
+def _kill_at_a_random_point(proc: subprocess.Popen, store: Store, rng: random.Random, steps: int) -> int:
+    """SIGKILL once the process has moved the outbox `steps` further (it is past start-up, in the middle of a
+    batch), after a further random 0-0.5 s; at the latest after 60 s. Returns how many rows it held leased
+    when it died (rows in flight: what the next process must take over without loss or duplicate)."""
+    start, deadline = _moved(store), time.monotonic() + 60
+    while proc.poll() is None and _moved(store) < start + steps and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 0.5))
+    held = store.query_one("SELECT COUNT(*) FROM outbox WHERE state = 'sending' AND lease_owner LIKE ?",
+                           (f"%:{proc.pid}:%",))[0]
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    return int(held)
+
+
+def run_drill(tmp_path: Path, n_items: int, kills: int, *, restarts: int = 1, seed: int = 7) -> dict:
     rng = random.Random(seed)
     data_dir = tmp_path / "box"
     keys, study = queue_items(data_dir, n_items, patient_file(tmp_path / "src"), seed=seed)
     started = time.monotonic()
     with postgres() as pg:
-        a = start_receiver(tmp_path / "ra", "--allow-any-device", database_url=pg.url, name="a")
-        b = start_receiver(tmp_path / "rb", "--allow-any-device", database_url=pg.url, name="b")
+        with ThreadPoolExecutor(2) as pool:  # the two processes start together, as behind a load balancer
+            futures = [pool.submit(start_receiver, tmp_path / f"r{name}", "--allow-any-device", database_url=pg.url,
+                                   name=name) for name in ("a", "b")]
+        if any(f.exception() for f in futures):
+            for f in futures:
+                if f.exception() is None:
+                    f.result().kill()
+            raise next(f.exception() for f in futures if f.exception())
+        a, b = (f.result() for f in futures)
         try:
             with FaultProxy([a.port, b.port], faults=FAULTS, seed=seed) as proxy:
                 config = sync_config(tmp_path / "site.toml", proxy.url)
                 log = tmp_path / "sync.log"
-                done_kills = receiver_restarts = 0
+                done_kills = receiver_restarts = in_flight = 0
+                restart_after = {(r + 1) * kills // (restarts + 1) for r in range(restarts)}  # kills spread evenly
+                box = Store(data_dir)
                 while done_kills < kills:
                     proc = sync_process(data_dir, config, "--poll", "0.1", log=log)
-                    time.sleep(rng.uniform(1.0, 4.0))
-                    if proc.poll() is None:
-                        proc.send_signal(signal.SIGKILL)
-                    proc.wait(timeout=30)
+                    held = _kill_at_a_random_point(proc, box, rng, rng.randint(1, max(1, n_items // (2 * kills))))
+                    in_flight += held > 0
                     done_kills += 1
-                    if done_kills in (kills // 3, 2 * kills // 3):  # a receiver dies and comes back
+                    if done_kills in restart_after:  # a receiver dies and comes back
                         a.kill()
                         time.sleep(0.5)
                         a = start_receiver(tmp_path / "ra", "--allow-any-device", port=a.port, database_url=pg.url,
@@ -126,6 +157,7 @@ def run_drill(tmp_path: Path, n_items: int, kills: int, *, seed: int = 7) -> dic
     receiver_files = b"".join(p.read_bytes() for d in (tmp_path / "ra", tmp_path / "rb") for p in d.rglob("*")
                               if p.is_file())
     return {"keys": keys, "stored": stored, "states": states, "faults": faults_seen, "kills": done_kills,
+            "kills_with_rows_in_flight": in_flight,
             "receiver_restarts": receiver_restarts, "dump": dump, "receiver_files": receiver_files, "study": study,
             "seconds": time.monotonic() - started,
             "duplicates_absorbed": sum((tmp_path / d).joinpath(f).read_text().count("already stored")
@@ -146,12 +178,15 @@ def check_drill(result: dict, n_items: int) -> None:
 
 @requires_postgres
 def test_fault_drill_sample(tmp_path: Path) -> None:
-    n = int(os.environ.get("SYNC_DRILL_ITEMS", "120"))
-    kills = int(os.environ.get("SYNC_DRILL_KILLS", "6"))
-    result = run_drill(tmp_path, n, kills)
+    n = int(os.environ.get("SYNC_DRILL_ITEMS", "60"))
+    kills = int(os.environ.get("SYNC_DRILL_KILLS", "4"))
+    restarts = int(os.environ.get("SYNC_DRILL_RESTARTS", "1"))
+    result = run_drill(tmp_path, n, kills, restarts=restarts)
     check_drill(result, n)
-    assert result["kills"] == kills and result["receiver_restarts"] == (2 if kills >= 3 else 0)
-    summary = {k: result[k] for k in ("faults", "kills", "receiver_restarts", "seconds", "duplicates_absorbed")}
+    assert result["kills"] == kills and result["receiver_restarts"] == restarts
+    assert result["kills_with_rows_in_flight"] >= 1, "no SIGKILL hit a sender holding rows"
+    summary = {k: result[k] for k in ("faults", "kills", "kills_with_rows_in_flight", "receiver_restarts", "seconds",
+                                      "duplicates_absorbed")}
     print(f"\nsync drill: {n} items exactly once; {json.dumps(summary, default=str)}")
     out = os.environ.get("SYNC_DRILL_REPORT")
     if out:

@@ -18,9 +18,9 @@ def _store(tmp_path: Path) -> Store:
     return Store(tmp_path / "data")
 
 
-def _add(store: Store, *items: OutboxItem) -> list[int]:
+def _add(store: Store, *items: OutboxItem, now: float | None = None) -> list[int]:
     with store.transaction() as conn:
-        return outbox.add_items(conn, items)
+        return outbox.add_items(conn, items, now=now)
 
 
 def test_add_is_idempotent_and_claims_are_exclusive(tmp_path: Path) -> None:
@@ -107,3 +107,61 @@ def test_retry_is_audited_and_the_summary_reports(tmp_path: Path) -> None:
     assert json.loads(audit["detail"])["from"] == "failed"
     assert outbox.expedite(store, ["cloud.finding"]) == 1
     assert store.query_one("SELECT next_attempt_at FROM outbox WHERE id = ?", (ids[2],))[0] <= time.time()
+
+
+def test_a_clock_set_back_holds_neither_deferred_items_nor_dead_leases(tmp_path: Path) -> None:
+    """A box that booted with its clock two days ahead, deferred an item and leased another, then NTP set the
+    clock right: both are claimable at once, not in two days."""
+    store = _store(tmp_path)
+    ahead = time.time() + 2 * 86400
+    deferred, leased = _add(store, OutboxItem("cloud.finding", "d1"), OutboxItem("cloud.finding", "l1"), now=ahead)
+    assert outbox.claim(store, "otherhost:1:a", 600, kinds=["cloud.finding"], now=ahead) != []
+    with store.transaction() as conn:  # as written by that fast clock: one deferred 30 min, one leased
+        assert outbox.change(conn, deferred, "defer", owner="otherhost:1:a", now=ahead,
+                             next_attempt_at=ahead + 1800, lease_owner=None, lease_expires=None)
+    got = outbox.claim(store, "thisbox:2:b", 60, kinds=["cloud.finding"])  # the clock is right again
+    assert sorted(r["idempotency_key"] for r in got) == ["d1", "l1"]
+    # and a row changed within the minute ahead is not treated so: a normal backoff still holds
+    (n,) = _add(store, OutboxItem("cloud.finding", "n1"))
+    outbox.claim(store, "thisbox:2:b", 60, kinds=["cloud.finding"])
+    outbox.settle(store, n, "defer", "thisbox:2:b", next_attempt_at=time.time() + 1800)
+    assert outbox.claim(store, "thisbox:2:b", 60, kinds=["cloud.finding"]) == []
+
+
+def test_sent_marks_and_the_next_claim_commit_together(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    ids = _add(store, *(OutboxItem("cloud.finding", f"k{i}") for i in range(5)))
+    first, lost = outbox.settle_and_claim(store, "h:1:a", 60, [], kinds=["cloud.finding"], limit=3)
+    assert [r["id"] for r in first] == ids[:3] and lost == []
+    marks = [(r["id"], "sent", {"sent_at": 1.0, "attempts": 1}) for r in first]
+    marks.append((ids[3], "sent", {"sent_at": 1.0}))  # not ours (never claimed): reported, not settled
+    second, lost = outbox.settle_and_claim(store, "h:1:a", 60, marks, kinds=["cloud.finding"], limit=3)
+    assert [r["id"] for r in second] == ids[3:] and lost == [ids[3]]
+    states = {r["id"]: (r["state"], r["lease_owner"]) for r in store.query("SELECT id, state, lease_owner FROM outbox")}
+    assert [states[i] for i in ids[:3]] == [("sent", None)] * 3
+    assert outbox.settle_and_claim(store, "h:1:a", 60, [(ids[3], "sent", {})], kinds=["cloud.finding"],
+                                   limit=0) == ([], [])
+
+
+def test_items_behind_a_failed_one_are_blocked_and_not_due(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    head, tail, other = _add(store, OutboxItem("cloud.seg", "g1-a", group_key="g1"),
+                             OutboxItem("cloud.sr", "g1-b", group_key="g1"), OutboxItem("cloud.finding", "g2-a"))
+    kinds = ["cloud.seg", "cloud.sr", "cloud.finding"]
+    for row in outbox.claim(store, "h:1:a", 60, kinds=kinds):
+        if row["id"] == head:
+            outbox.settle(store, head, "give_up", "h:1:a", last_error="result file missing")
+        else:
+            outbox.settle(store, row["id"], "defer", "h:1:a", next_attempt_at=time.time() + 300)
+    assert outbox.blocked(store, kinds) == 1
+    assert summary(store)["cloud"]["blocked"] == 1
+    due = outbox.next_due(store, kinds)
+    assert due is not None and due > time.time() + 200, "only the other study's deferred item can move"
+    with store.transaction() as conn:
+        assert outbox.change(conn, other, "supersede")
+    assert outbox.next_due(store, kinds) is None, "what is left waits behind a failed item"
+    outbox.retry(store, head, "tech")
+    assert outbox.blocked(store, kinds) == 0 and outbox.next_due(store, kinds) == 0
+    assert [r["id"] for r in outbox.claim(store, "h:1:a", 60, kinds=kinds)] == [head], "the head first, then its tail"
+    outbox.settle(store, head, "sent", "h:1:a")
+    assert [r["id"] for r in outbox.claim(store, "h:1:a", 60, kinds=kinds)] == [tail]

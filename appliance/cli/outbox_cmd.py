@@ -51,7 +51,8 @@ def run(args: argparse.Namespace, ctx) -> int:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
     for dest, s in status.items():
-        print(f"{dest}: {s['pending']} pending, {s['failed']} failed, {s['sent']} sent; last success "
+        held = f" ({s['blocked']} behind a failed item of their study)" if s.get("blocked") else ""
+        print(f"{dest}: {s['pending']} pending{held}, {s['failed']} failed, {s['sent']} sent; last success "
               f"{when(s['last_success'])}; last error {s['last_error'] or '-'}")
     print(f"{'id':>6}  {'kind':<14} {'state':<10} {'tries':>5}  {'created':<19}  last error")
     for it in items:

@@ -53,8 +53,10 @@ def run(args: argparse.Namespace, ctx) -> int:
             if code != 0:
                 for dest, s in status.items():
                     if s["pending"] or s["failed"]:
-                        print(f"edgescreen sync: {dest}: {s['pending']} pending, {s['failed']} failed; last error: "
-                              f"{s['last_error']}", file=sys.stderr)
+                        held = (f" ({s['blocked']} of them wait behind a failed item of their study: "
+                                "`edgescreen outbox list`, fix it, `edgescreen outbox retry ID`)" if s["blocked"] else "")
+                        print(f"edgescreen sync: {dest}: {s['pending']} pending{held}, {s['failed']} failed; last "
+                              f"error: {s['last_error']}", file=sys.stderr)
             return code
         from appliance import sdnotify
 

@@ -84,7 +84,7 @@ def create_app(db: ReceiverDB, *, allow_any_device: bool = False) -> Flask:
     @app.get("/healthz")
     def healthz() -> Response:
         try:
-            db.item_count()
+            db.ping()
         except Exception as exc:  # noqa: BLE001 - the probe reports, never raises
             log.error("health check: database unavailable", error=str(exc))
             return _error(503, "database unavailable")
@@ -218,7 +218,7 @@ Everything here arrived de-identified (DICOM PS3.15 Annex E); study identifiers 
 <td>{{ "%.3f"|format(f.abnormal_probability) if f.get("abnormal_probability") is not none else "-" }}</td>
 <td>{{ "%.3f"|format(f.threshold) if f.get("threshold") is not none else "-" }}</td>
 <td>{{ (f.get("lesions") or [])|length }}</td>
-<td>{{ "yes" if (f.get("domain") or {}).get("in_domain", True) else "no" }}</td></tr>
+<td title="{{ ((f.get('domain') or {}).get('reasons') or [])|join('; ') }}">{{ "yes" if (f.get("domain") or {}).get("in_domain", True) else "no: " ~ ((f.get("domain") or {}).get("reasons") or ["?"])[0] }}</td></tr>
 {% endfor %}</tbody></table>{% else %}<p class="muted">no findings yet</p>{% endif %}
 {% endfor %}
 </body></html>

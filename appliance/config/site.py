@@ -223,6 +223,9 @@ class Sync(_Section):
     windows: list[str] = Field(default_factory=list, description='local time windows, e.g. ["22:00-06:00"]; '
                                "empty: any time")
     only_on_mains: bool = False  # send only while the power gate's source reports mains power
+    # the cloud waits while a job is being analysed (the sync service sleeps; PACS exports still go): even
+    # niced, a sync that de-identifies and uploads slowed a CPU analysis by ~1.4x (bench/bench_sync.py)
+    yield_to_inference: bool = True
 
     @field_validator("url")
     @classmethod

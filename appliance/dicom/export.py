@@ -7,7 +7,10 @@ claimed under a lease through appliance.store.outbox (the one guarded function f
 DICOM service's loop, the sync service and a technician's `edgescreen dicom --export-pending` never send a
 row at once. A failure is recorded in `last_error` and retried with exponential backoff and jitter
 (appliance.scheduler.retry.delay on retry_base_s / retry_max_s) up to `pacs.retries` times; then the row
-is failed for a technician (`edgescreen outbox retry ID`).
+is failed for a technician (`edgescreen outbox retry ID`). Anything that goes wrong with one row (a PACS
+that accepts no presentation context for a SEG or an encapsulated PDF, a result file that is not DICOM)
+is recorded on that row and counts as an attempt: a row is never left leased by an unexpected error,
+and never keeps the other rows (or the cloud round of the sync service) from their turn.
 
 STOW-RS goes through dicomweb-client (a requests session: basic or bearer authentication from files,
 certificates always verified, optionally against a pinned CA bundle).
@@ -21,7 +24,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,16 +81,21 @@ def export_pending(store: Store, config: SiteConfig | Pacs | None, *, now: float
     if calling_ae is None:
         calling_ae = config.dicom.ae_title if isinstance(config, SiteConfig) else "EDGESCREEN"
     owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    now = time.time() if now is None else now
+    start, began = time.monotonic(), time.time() if now is None else now
+
+    def clock() -> float:  # `now` moves on while rows are sent: a lease or a backoff never starts in the past
+        return began + time.monotonic() - start
+
     while True:
-        rows = outbox.claim(store, owner, CLAIM_S, kinds=(KIND,), now=now, limit=10)
+        # rows due when this pass began: one deferred during the pass waits for the next pass
+        rows = outbox.claim(store, owner, CLAIM_S, kinds=(KIND,), now=clock(), due_by=began, limit=10)
         if not rows:
             return counts
         for row in rows:
-            counts[_send_row(store, pacs, row, calling_ae, now, owner)] += 1
+            counts[_send_row(store, pacs, row, calling_ae, owner, clock)] += 1
 
 
-def _send_row(store: Store, pacs: Pacs, row: dict, calling_ae: str, now: float, owner: str) -> str:
+def _send_row(store: Store, pacs: Pacs, row: dict, calling_ae: str, owner: str, clock: Callable[[], float]) -> str:
     from appliance.scheduler.retry import delay
 
     payload = json.loads(row["payload"])
@@ -107,8 +115,13 @@ def _send_row(store: Store, pacs: Pacs, row: dict, calling_ae: str, now: float, 
         except (ExportError, OSError) as exc:
             error = f"{transport}: {exc}"
             break
+        except Exception as exc:  # noqa: BLE001 - recorded on the row and retried, never left leased
+            log.exception("result export failed unexpectedly", study=study, outbox=row["id"], via=transport)
+            error = f"{transport}: {type(exc).__name__}: {str(exc)[:300]}"
+            break
     payload["done"] = done
     attempts = row["attempts"] + 1
+    now = clock()
     if error is None:
         outbox.settle(store, row["id"], "sent", owner, sent_at=now, attempts=attempts, payload=json.dumps(payload),
                       last_error=None)
@@ -132,10 +145,14 @@ def _send_row(store: Store, pacs: Pacs, row: dict, calling_ae: str, now: float, 
 def send_c_store(paths: Sequence[Path], pacs: Pacs, calling_ae: str) -> None:
     """Send files in one association; ExportError naming the first refused file or the association failure."""
     import pydicom
+    from pydicom.errors import InvalidDicomError
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
     from pynetdicom import AE
 
-    datasets = [pydicom.dcmread(p) for p in paths]
+    try:
+        datasets = [pydicom.dcmread(p) for p in paths]
+    except (InvalidDicomError, ValueError, EOFError) as exc:
+        raise ExportError(f"a result file is not DICOM ({exc}); re-run the analysis of this study") from None
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = pacs.timeout_s
     wanted: dict[str, set[str]] = {}
@@ -148,6 +165,12 @@ def send_c_store(paths: Sequence[Path], pacs: Pacs, calling_ae: str) -> None:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no connection"
         raise ExportError(f"association to {pacs.ae_title}@{pacs.host}:{pacs.port} failed ({why})")
     try:
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        refused = sorted({str(ds.SOPClassUID) for ds in datasets} - accepted)
+        if refused:
+            names = ", ".join(f"{_sop_name(uid)} ({uid})" for uid in refused)
+            raise ExportError(f"{pacs.ae_title}@{pacs.host}:{pacs.port} accepts no {names}: configure the PACS "
+                              "to store that SOP class from this AE title, or export via dicomweb")
         for path, ds in zip(paths, datasets, strict=True):
             rsp = assoc.send_c_store(ds)
             status = getattr(rsp, "Status", None)
@@ -159,6 +182,12 @@ def send_c_store(paths: Sequence[Path], pacs: Pacs, calling_ae: str) -> None:
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def _sop_name(uid: str) -> str:
+    from pydicom.uid import UID
+
+    return UID(uid).name
 
 
 # -- STOW-RS -----------------------------------------------------------------------------------------

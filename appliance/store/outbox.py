@@ -21,7 +21,13 @@ can therefore, rarely, both send one item (the first one stalled past its lease)
 idempotency key turns the second delivery into a no-op, so the cloud still holds it exactly once.
 
 Rows of one `group_key` (one study's cloud items) are claimed in id order: a later item is not claimed
-while an earlier one of its group is not yet sent.
+while an earlier one of its group is not yet sent. A row behind a `failed` one is `blocked` (`blocked`
+counts them) until a technician retries the failed one.
+
+The clock may go back (a box without a battery-backed clock boots in the past or far ahead, then NTP
+corrects it): a row last changed more than CLOCK_SKEW_S in this clock's future was scheduled by a clock
+that has since gone back, so its backoff is over and its lease is void. Without that rule a clock
+corrected back by a day would hold every deferred item, and every row a killed sender leased, for a day.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any
 from appliance.store.db import Store
 
 STATES = ("pending", "sending", "sent", "failed", "superseded")
+CLOCK_SKEW_S = 60.0  # a row changed further than this in the future: the clock has gone back since
 
 
 @dataclass(frozen=True)
@@ -118,11 +125,40 @@ def change(conn: sqlite3.Connection, item_id: int, action: str, *, owner: str | 
     params: dict[str, Any] = {"to": spec.to, "now": now, "id": item_id, **fields,
                               **{f"from{i}": s for i, s in enumerate(spec.from_states)}}
     if action == "claim":
-        sql += " AND (state = 'pending' OR lease_expires IS NULL OR lease_expires < :now)"
+        sql += (" AND (state = 'pending' OR lease_expires IS NULL OR lease_expires < :now OR updated_at > :skew)")
+        params["skew"] = now + CLOCK_SKEW_S
     if spec.lease_holder and expect_lease:
         sql += " AND lease_owner = :owner"
         params["owner"] = owner
     return conn.execute(sql, params).rowcount == 1
+
+
+def _due_sql(kinds: Sequence[str], max_attempts: int | None) -> str:
+    """Rows a sender may take now: due (or their clock went back), and first of their group still unsent."""
+    kind_marks = ", ".join("?" * len(kinds))
+    attempts_sql = "" if max_attempts is None else f" AND o.attempts < {int(max_attempts)}"
+    return (f"SELECT o.id FROM outbox o WHERE o.kind IN ({kind_marks}) AND ("
+            "(o.state = 'pending' AND (o.next_attempt_at <= ? OR o.updated_at > ?)) OR "
+            "(o.state = 'sending' AND (o.lease_expires < ? OR o.updated_at > ?)))"
+            f"{attempts_sql} AND (o.group_key IS NULL OR NOT EXISTS (SELECT 1 FROM outbox p WHERE "
+            "p.group_key = o.group_key AND p.id < o.id AND p.state NOT IN ('sent', 'superseded'))) "
+            "ORDER BY o.next_attempt_at, o.id LIMIT ?")
+
+
+def _claim_in(conn: sqlite3.Connection, owner: str, lease_s: float, kinds: Sequence[str], now: float,
+              limit: int, max_attempts: int | None, due_by: float) -> list[dict[str, Any]]:
+    skew = now + CLOCK_SKEW_S
+    claimed: list[dict[str, Any]] = []
+    for row in conn.execute(_due_sql(kinds, max_attempts), (*kinds, due_by, skew, now, skew, limit)).fetchall():
+        if change(conn, row["id"], "claim", now=now, lease_owner=owner, lease_expires=now + lease_s):
+            claimed.append(dict(conn.execute("SELECT * FROM outbox WHERE id = ?", (row["id"],)).fetchone()))
+    return claimed
+
+
+def _settle_fields(action: str, fields: dict[str, Any]) -> dict[str, Any]:
+    if action in ("sent", "defer", "give_up", "reclaim"):
+        fields = {"lease_owner": None, "lease_expires": None, **fields}
+    return fields
 
 
 def claim(store: Store, owner: str, lease_s: float, *, kinds: Sequence[str], now: float | None = None,
@@ -130,32 +166,59 @@ def claim(store: Store, owner: str, lease_s: float, *, kinds: Sequence[str], now
     """Take up to `limit` due rows of `kinds` under a lease, oldest first, respecting group order.
 
     Due: pending and next_attempt_at <= `due_by` (default now), or sending with an expired lease (its
-    sender died). `max_attempts` skips rows that already used up their attempts.
+    sender died), or changed in this clock's future (the clock went back). `max_attempts` skips rows that
+    already used up their attempts.
+    """
+    return settle_and_claim(store, owner, lease_s, [], kinds=kinds, now=now, limit=limit,
+                            max_attempts=max_attempts, due_by=due_by)[0]
+
+
+def settle_and_claim(store: Store, owner: str, lease_s: float, settles: Sequence[tuple[int, str, dict[str, Any]]],
+                     *, kinds: Sequence[str], now: float | None = None, limit: int = 10,
+                     max_attempts: int | None = None, due_by: float | None = None,
+                     ) -> tuple[list[dict[str, Any]], list[int]]:
+    """A sender's finished rows settled (`(id, action, fields)`, as `settle`) and its next rows claimed, in ONE
+    transaction: one durable commit per batch instead of one per item, which is what a loop of small items
+    costs most on a box's storage. Settling after delivery stays safe: a crash before this commit re-sends
+    the batch, and the receiver's unique key answers "duplicate". Returns (claimed rows, ids whose lease was
+    lost meanwhile, so were not settled).
     """
     now = time.time() if now is None else now
     due_by = now if due_by is None else due_by
-    kind_marks = ", ".join("?" * len(kinds))
-    attempts_sql = "" if max_attempts is None else f" AND o.attempts < {int(max_attempts)}"
-    sql = (f"SELECT o.id FROM outbox o WHERE o.kind IN ({kind_marks}) AND ("
-           "(o.state = 'pending' AND o.next_attempt_at <= ?) OR (o.state = 'sending' AND o.lease_expires < ?))"
-           f"{attempts_sql} AND (o.group_key IS NULL OR NOT EXISTS (SELECT 1 FROM outbox p WHERE "
-           "p.group_key = o.group_key AND p.id < o.id AND p.state NOT IN ('sent', 'superseded'))) "
-           "ORDER BY o.next_attempt_at, o.id LIMIT ?")
-    claimed: list[dict[str, Any]] = []
     with store.transaction() as conn:
-        for row in conn.execute(sql, (*kinds, due_by, now, limit)).fetchall():
-            if change(conn, row["id"], "claim", now=now, lease_owner=owner, lease_expires=now + lease_s):
-                claimed.append(dict(conn.execute("SELECT * FROM outbox WHERE id = ?", (row["id"],)).fetchone()))
-    return claimed
+        lost = [item_id for item_id, action, fields in settles
+                if not change(conn, item_id, action, owner=owner, now=now, **_settle_fields(action, fields))]
+        claimed = _claim_in(conn, owner, lease_s, kinds, now, limit, max_attempts, due_by) if limit > 0 else []
+    return claimed, lost
 
 
 def settle(store: Store, item_id: int, action: str, owner: str, **fields: Any) -> bool:
     """A lease holder's final (or progress) change in its own transaction; False if the lease was lost."""
-    if action in ("sent", "defer", "give_up", "reclaim"):
-        fields.setdefault("lease_owner", None)
-        fields.setdefault("lease_expires", None)
     with store.transaction() as conn:
-        return change(conn, item_id, action, owner=owner, **fields)
+        return change(conn, item_id, action, owner=owner, **_settle_fields(action, fields))
+
+
+def blocked(store: Store, kinds: Sequence[str]) -> int:
+    """Pending rows that wait behind a failed row of their group (a technician's retry of it frees them)."""
+    marks = ", ".join("?" * len(kinds))
+    return int(store.query_one(
+        f"SELECT COUNT(*) FROM outbox o WHERE o.kind IN ({marks}) AND o.state = 'pending' AND o.group_key IS NOT NULL "
+        "AND EXISTS (SELECT 1 FROM outbox p WHERE p.group_key = o.group_key AND p.id < o.id AND p.state = 'failed')",
+        tuple(kinds))[0])
+
+
+def next_due(store: Store, kinds: Sequence[str], *, now: float | None = None) -> float | None:
+    """When the next row of `kinds` may be claimed (a time, possibly past), or None when none can be: rows
+    behind an unsent earlier row of their group wait for it, not for their own time."""
+    now = time.time() if now is None else now
+    marks = ", ".join("?" * len(kinds))
+    row = store.query_one(
+        f"SELECT MIN(CASE WHEN o.state = 'pending' AND o.updated_at > ? THEN 0 WHEN o.state = 'pending' "
+        f"THEN o.next_attempt_at ELSE o.lease_expires END) FROM outbox o WHERE o.kind IN ({marks}) "
+        "AND o.state IN ('pending', 'sending') AND (o.group_key IS NULL OR NOT EXISTS (SELECT 1 FROM outbox p "
+        "WHERE p.group_key = o.group_key AND p.id < o.id AND p.state NOT IN ('sent', 'superseded')))",
+        (now + CLOCK_SKEW_S, *kinds))
+    return None if row is None or row[0] is None else float(row[0])
 
 
 def reclaim_dead(store: Store, host: str, alive: Callable[[int], bool]) -> int:

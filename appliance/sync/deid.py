@@ -16,6 +16,10 @@ SEG and SR, see the sync note):
 - the options: Retain Longitudinal Temporal Information with Modified Dates (dates shifted by a per-patient
   offset derived from the secret), Retain Device Identity, Retain Patient Characteristics;
 - descriptors that edgescreen itself wrote (the research-use banner) are kept (Clean Descriptors);
+- the SR's TEXT items are edgescreen's own sentences, but some quote a header (the domain gate's
+  "description 'CT ABD ...'" evidence quotes the StudyDescription, an Annex E "X" attribute): quoted
+  values, UIDs, paths and the patient's identifiers in them are replaced (`scrub_text`, the one rule for
+  free text that leaves the box: summaries and heartbeats use it too);
 - PatientIdentityRemoved, DeidentificationMethod and DeidentificationMethodCodeSequence (CID 7050);
 - a final check: the result must contain none of the source's identifiers (name, IDs, birth date,
   accession, every replaced UID), else DeidError and nothing is sent.
@@ -31,6 +35,7 @@ import hashlib
 import hmac
 import io
 import os
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,8 +89,76 @@ _PHI_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDat
                  "PatientMotherBirthName")
 
 
+_TEXT_VALUE = (0x0040, 0xA160)
+# runs of digits and dots: a replaced UID (or an all-digit ID) can only occur inside one
+_DIGIT_RUN = re.compile(r"[0-9.]{6,}")
+_DIGIT_RUN_BYTES = re.compile(rb"[0-9.]{6,}")
+
+
+class _DigitNeedles:
+    """Finds which of many digit-and-dot strings (a SEG's hundreds of replaced UIDs) occur anywhere in a text:
+    one pass over its digit runs with a 6-character prefix index, instead of one scan per UID."""
+
+    def __init__(self, needles: set[str]) -> None:
+        self.by_prefix: dict[str, list[str]] = {}
+        for n in needles:
+            self.by_prefix.setdefault(n[:6], []).append(n)
+
+    def found(self, runs: Any) -> set[str]:
+        out: set[str] = set()
+        for run in runs:
+            for i in range(len(run) - 5):
+                for n in self.by_prefix.get(run[i:i + 6], ()):
+                    if run.startswith(n, i):
+                        out.add(n)
+        return out
+_UID_RE = re.compile(r"\b\d+(?:\.\d+){3,}\b")
+_PATH_RE = re.compile(r"(?:/[^\s:;,'\"()]+)+")
+# a quoted value as Python's repr and our messages write it: 'x' or "x", not an apostrophe inside a word
+_QUOTED_RE = re.compile(r"""(?<!\w)(['"])(?:(?!\1).)*\1(?!\w)""")
+
+
 class DeidError(RuntimeError):
     """The result still carries an identifier of its source; it must not leave the box."""
+
+
+def _token(value: str) -> re.Pattern[str]:
+    """`value` as a whole token, any case: an ID 4821 is not found inside 0.148213 or a hash, a name part
+    LEE not inside SLEEP; a name or ID written as its own word is."""
+    return re.compile(r"(?<![0-9A-Za-z])" + re.escape(value) + r"(?![0-9A-Za-z])", re.IGNORECASE)
+
+
+def _usable(identifiers: Any) -> list[str]:
+    return sorted({str(v).strip() for v in identifiers if v and len(str(v).strip()) >= 3}, key=len, reverse=True)
+
+
+def find_identifiers(text: str, identifiers: Any) -> list[str]:
+    """Which of `identifiers` (at least 3 characters) occur in `text` as whole tokens."""
+    return [v for v in _usable(identifiers) if _token(v).search(text)]
+
+
+def scrub_text(text: str, identifiers: Any = ()) -> str:
+    """Free text fit to leave the box: quoted values (messages quote header fields such as a study
+    description), UIDs, file paths and the given identifiers (whole tokens) are replaced."""
+    out = _QUOTED_RE.sub("'<removed>'", str(text))
+    out = _UID_RE.sub("<uid>", out)
+    out = _PATH_RE.sub("<path>", out)
+    for value in _usable(identifiers):
+        out = _token(value).sub("<phi>", out)
+    return out
+
+
+def identifiers_of(source: Any) -> set[str]:
+    """The patient's identity in a dataset: the values of the identifying attributes and a name's parts."""
+    found: set[str] = set()
+    for kw in _PHI_KEYWORDS:
+        value = source.get(kw)
+        for v in (value if isinstance(value, MultiValue | list) else [value]):
+            text = str(v or "").strip()
+            if len(text) >= 3:
+                found.add(text)
+                found.update(part for part in re.split(r"[\^ ]", text) if len(part) >= 3)
+    return found
 
 
 @dataclass(frozen=True)
@@ -185,12 +258,17 @@ class Deidentifier:
     # -- the profile -----------------------------------------------------------------------------------
     def dataset(self, source: Dataset) -> Dataset:
         """A de-identified copy of `source` (which is left as it was); DeidError if anything identifying stays."""
+        return self._deidentify(source)[0]
+
+    def _deidentify(self, source: Dataset) -> tuple[Dataset, bytes]:
+        """(the de-identified copy, its encoding as the last check read it)."""
         ds = copy.deepcopy(source)
         patient_key = str(source.get("PatientID", "")) or str(source.get("PatientName", ""))
         shift = self.date_offset(patient_key) if self.policy.retain_dates_shifted else None
         replaced: set[str] = set()
         ours = {kw: str(source.get(kw)) for kw in OUR_DESCRIPTORS
                 if str(source.get(kw, "")).startswith(BANNER_PREFIX)}
+        identity = frozenset(identifiers_of(source))
         if hasattr(ds, "file_meta"):
             meta = ds.file_meta
             if "MediaStorageSOPInstanceUID" in meta:
@@ -200,7 +278,7 @@ class Deidentifier:
                        "ReceivingApplicationEntityTitle", "SourcePresentationAddress"):
                 if kw in meta:
                     del meta[kw]
-        self._clean(ds, shift, replaced)
+        self._clean(ds, shift, replaced, identity)
         for kw, value in ours.items():
             setattr(ds, kw, value)
         pseudonym = self.pseudonym("patient", patient_key)
@@ -221,8 +299,7 @@ class Deidentifier:
             items.append(code)
         ds.DeidentificationMethodCodeSequence = Sequence(items)
         ds.LongitudinalTemporalInformationModified = "MODIFIED" if shift is not None else "REMOVED"
-        self.verify(source, ds, replaced)
-        return ds
+        return ds, self.verify(source, ds, replaced)
 
     def _action(self, tag: tuple[int, int]) -> Callable | None:
         action = self.exact.get(tag)
@@ -233,7 +310,7 @@ class Deidentifier:
                 return fn
         return None
 
-    def _clean(self, ds: Dataset, shift: dt.timedelta | None, replaced: set[str]) -> None:
+    def _clean(self, ds: Dataset, shift: dt.timedelta | None, replaced: set[str], identity: frozenset[str]) -> None:
         for elem in list(ds):
             tag = (elem.tag.group, elem.tag.element)
             if elem.tag.is_private:
@@ -248,7 +325,7 @@ class Deidentifier:
                     # no rule, Clean Structured Content, or U* ("replace contained instance UIDs"): keep the
                     # items and de-identify each by the same table
                     for item in elem.value:
-                        self._clean(item, shift, replaced)
+                        self._clean(item, shift, replaced, identity)
                 else:
                     action(ds, tag)
                     if tag in ds and ds[tag].VR == "SQ":  # a dummy-filled sequence: its UIDs keyed too
@@ -260,6 +337,9 @@ class Deidentifier:
                     action(ds, tag)
                 elif self._is_instance_uid(elem):
                     self._replace_uid(elem, replaced)
+                continue
+            if tag == _TEXT_VALUE and elem.value:  # Clean Structured Content: our sentences, minus what they quote
+                elem.value = scrub_text(elem.value, identity)
                 continue
             if action is None:
                 continue
@@ -297,8 +377,12 @@ class Deidentifier:
             elem.value = self.uid(elem.value)
 
     # -- the last line of defence ----------------------------------------------------------------------
-    def verify(self, source: Dataset, result: Dataset, replaced: set[str]) -> None:
-        """Refuse a result in which any identifier of the source survives (as an element value or raw bytes)."""
+    def verify(self, source: Dataset, result: Dataset, replaced: set[str]) -> bytes:
+        """Refuse a result in which any identifier of the source survives (as an element value or raw bytes);
+        returns the result's encoding (Part 10 when it has file meta), which is what was checked.
+
+        A SEG replaces hundreds of UIDs: those (and any all-digit identifier) are found through one pass over
+        the digit runs of each value and of the bytes (`_DigitNeedles`), the few other identifiers as substrings."""
         needles = {v for v in replaced if v}
         name_parts: set[str] = set()  # a name's components: only a whole value equal to one counts
         for kw in _PHI_KEYWORDS:
@@ -310,6 +394,9 @@ class Deidentifier:
                     name_parts.update(part for part in text.split("^") if len(part) >= 3 and "^" in text)
         forbidden_exact = {t for t in needles if len(t) < 6} | name_parts
         forbidden_sub = needles - forbidden_exact
+        digits = {n for n in forbidden_sub if _DIGIT_RUN.fullmatch(n)}
+        others = forbidden_sub - digits
+        index = _DigitNeedles(digits)
         problems: list[str] = []
 
         def check(ds: Dataset, elem: Any) -> None:
@@ -318,25 +405,32 @@ class Deidentifier:
             values = elem.value if isinstance(elem.value, MultiValue | list) else [elem.value]
             for v in values:
                 text = str(v)
-                if text in forbidden_exact or any(n in text for n in forbidden_sub):
+                if text in forbidden_exact or any(n in text for n in others) or (
+                        digits and index.found(_DIGIT_RUN.findall(text))):
                     problems.append(elem.keyword or str(elem.tag))
 
         result.walk(check)
         if hasattr(result, "file_meta"):
             result.file_meta.walk(check)
+        raw = b""
         if not problems:
             buffer = io.BytesIO()
             result.save_as(buffer, enforce_file_format=hasattr(result, "file_meta"))
             raw = buffer.getvalue()
-            problems += [f"bytes containing {n[:6]}..." for n in forbidden_sub if n.encode() in raw]
+            found = index.found(run.decode() for run in _DIGIT_RUN_BYTES.findall(raw)) if digits else set()
+            problems += [f"bytes containing {n[:6]}..." for n in sorted(found) + [n for n in others if n.encode() in raw]]
         if problems:
             raise DeidError("de-identification left identifying values in " + ", ".join(sorted(set(problems))[:8])
                             + "; the item is held back (nothing was sent)")
+        return raw
 
     def encode(self, source: Dataset) -> bytes:
-        """The de-identified dataset as a DICOM file (Part 10)."""
+        """The de-identified dataset as a DICOM file (Part 10): the very bytes the last check read."""
+        ds, raw = self._deidentify(source)
+        if hasattr(ds, "file_meta"):
+            return raw
         buffer = io.BytesIO()
-        self.dataset(source).save_as(buffer, enforce_file_format=True)
+        ds.save_as(buffer, enforce_file_format=True)
         return buffer.getvalue()
 
     def file(self, path: Path) -> bytes:

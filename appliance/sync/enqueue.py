@@ -8,6 +8,10 @@ Cloud (when [sync] enabled, or asked for): the finding summary, then the SEG, th
 (one group per study, so the receiver never holds a SEG without its summary). The payloads name local
 files and hold the original study UID: they never leave the box as they are; the sender de-identifies at
 send time. Idempotency keys are HMACs under the site secret, so a key tells the receiver nothing.
+
+A site secret that cannot be read (a damaged file, wrong permissions) never costs a finished job its
+result: the job's PACS item and its result are written as always, the cloud items of that study are not
+(an error in the log names the study and says how to queue them again once the secret is fixed).
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config.site import SiteConfig
+from appliance.logs import get_logger
 from appliance.store.outbox import OutboxItem
+
+log = get_logger(__name__)
 
 PACS_KIND = "pacs"
 FINDING_KIND = "cloud.finding"
@@ -50,7 +57,14 @@ def outbox_items_for_result(config: SiteConfig, *, data_dir: Path, study_uid: st
         key = f"{PACS_KIND}:" + hashlib.sha1("\n".join([study_uid, *sorted(rel)]).encode()).hexdigest()
         items.append(OutboxItem(PACS_KIND, key, {"study_uid": study_uid, "files": rel, "done": []}))
     if cloud if cloud is not None else config.sync.enabled:
-        items += cloud_items(config, data_dir=data_dir, study_uid=study_uid, findings=findings, outputs=outputs)
+        from appliance.sync.deid import DeidError
+
+        try:
+            items += cloud_items(config, data_dir=data_dir, study_uid=study_uid, findings=findings, outputs=outputs)
+        except (DeidError, OSError) as exc:
+            log.error("the study's cloud items were not queued: the de-identification secret cannot be used; fix "
+                      "it (see [sync.deid] secret_file), then `edgescreen analyze <study> --out DIR --enqueue-sync`",
+                      study=study_uid, error=str(exc))
     return items
 
 

@@ -1,7 +1,8 @@
 """The device health heartbeat the fleet sees: queue depth, disk, power events, versions, bundle, last errors.
 
-It carries no patient data: error texts are scrubbed of UIDs and of the related study's patient name,
-ID and accession before they leave (`scrub`), and nothing else in it is free text from a study.
+It carries no patient data: error texts are scrubbed of quoted values (messages quote header fields), UIDs,
+paths and the related study's patient name, ID and accession before they leave (`scrub`, through the one
+free-text rule, appliance.sync.deid.scrub_text), and nothing else in it is free text from a study.
 """
 
 from __future__ import annotations
@@ -16,22 +17,19 @@ from typing import Any
 from appliance import __version__
 from appliance.store.db import Store
 
-_UID_RE = re.compile(r"\b\d+(?:\.\d+){3,}\b")
-_PATH_RE = re.compile(r"(/[^\s:;,'\"]+)+")
-
 
 def scrub(text: str | None, secrets_: list[str]) -> str | None:
-    """An error message fit to leave the box: no UIDs, no file paths, no known patient identifiers."""
+    """An error message fit to leave the box: no quoted values, UIDs, file paths or known patient identifiers."""
     if not text:
         return text
-    out = _UID_RE.sub("<uid>", str(text))
-    out = _PATH_RE.sub("<path>", out)
-    for s in sorted({s for s in secrets_ if s and len(s) >= 3}, key=len, reverse=True):
-        out = out.replace(s, "<phi>")
-    return out[:240]
+    from appliance.sync.deid import scrub_text
+
+    return scrub_text(text, secrets_)[:240]
 
 
-def _phi_of_study(store: Store, study_uid: str | None) -> list[str]:
+def phi_of_study(store: Store, study_uid: str | None) -> list[str]:
+    """The identifiers of a study the box holds (UID, patient name and its parts, ID, accession, date): what
+    no text that leaves the box may contain."""
     if not study_uid:
         return []
     row = store.query_one("SELECT patient_id, patient_name, accession, study_date FROM studies WHERE study_uid = ?",
@@ -39,7 +37,7 @@ def _phi_of_study(store: Store, study_uid: str | None) -> list[str]:
     if row is None:
         return [study_uid]
     values = [study_uid, *(str(v) for v in row if v)]
-    return values + [p for v in values for p in str(v).split("^") if len(p) >= 3]
+    return values + [p for v in values for p in re.split(r"[\^ ]", str(v)) if len(p) >= 3]
 
 
 def _last_errors(store: Store, limit: int = 5) -> list[dict[str, Any]]:
@@ -55,7 +53,7 @@ def _last_errors(store: Store, limit: int = 5) -> list[dict[str, Any]]:
             study = None
         errors.append((r["updated_at"] or 0, f"outbox:{r['kind']}", study, r["last_error"]))
     errors.sort(key=lambda e: e[0] or 0, reverse=True)
-    return [{"at": at, "source": source, "error": scrub(error, _phi_of_study(store, study))}
+    return [{"at": at, "source": source, "error": scrub(error, phi_of_study(store, study))}
             for at, source, study, error in errors[:limit]]
 
 

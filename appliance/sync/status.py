@@ -11,9 +11,12 @@ import json
 import time
 from typing import Any
 
+from appliance.store import outbox
 from appliance.store.db import Store
+from appliance.sync.enqueue import CLOUD_KINDS
 
 DESTINATIONS = {"pacs": "kind = 'pacs'", "cloud": "kind LIKE 'cloud.%'"}
+_KINDS = {"pacs": ("pacs",), "cloud": CLOUD_KINDS}
 
 
 def record_link(store: Store, destination: str, state: str, detail: str | None, last: dict[str, str]) -> None:
@@ -27,7 +30,8 @@ def record_link(store: Store, destination: str, state: str, detail: str | None, 
 
 def summary(store: Store, now: float | None = None) -> dict[str, dict[str, Any]]:
     """{"pacs": {...}, "cloud": {...}}: pending (waiting or being sent), failed (needs a technician),
-    last_success, last_error (text) with last_error_at, next_attempt_at, link (the latest link state)."""
+    blocked (pending, but waiting behind a failed item of its study), last_success, last_error (text) with
+    last_error_at, next_attempt_at, link (the latest link state)."""
     now = time.time() if now is None else now
     out: dict[str, dict[str, Any]] = {}
     for dest, where in DESTINATIONS.items():
@@ -45,6 +49,7 @@ def summary(store: Store, now: float | None = None) -> dict[str, dict[str, Any]]
         out[dest] = {
             "pending": counts.get("pending", 0) + counts.get("sending", 0),
             "failed": counts.get("failed", 0),
+            "blocked": outbox.blocked(store, _KINDS[dest]) if counts.get("failed") else 0,
             "sent": counts.get("sent", 0),
             "last_success": last_success,
             "last_error": last_error,

@@ -1,9 +1,11 @@
 """HTTPS to the fleet receiver: JSON items, resumable chunked uploads, a probe, and a bandwidth cap.
 
 Certificates are always verified (requests' default), against the system store or the CA bundle the site
-pins in sync.ca_file. Every failure is sorted into what the caller does next: TransientError (the link,
-the receiver, a 5xx, a truncated answer: retry with backoff) or PermanentError (the receiver refuses the
-item itself: 400/413/422; retrying cannot help, a technician looks at it).
+pins in sync.ca_file. Every failure is sorted into what the caller does next: LinkError (the receiver
+cannot be reached, or its answer was cut short: stop the round, probe again later), AuthError (the receiver
+refuses this device: no item can go until the token is fixed), TransientError (a 5xx, an upload the
+receiver lost: retry the item with backoff) or PermanentError (the receiver refuses the item itself:
+400/413/422; retrying cannot help, a technician looks at it).
 
 An upload is resumable across crashes and across receiver processes: opening it again returns how many
 bytes the receiver already holds (chunks are rows in its database), and the client continues from there.
@@ -25,6 +27,14 @@ from appliance import __version__
 
 class TransientError(RuntimeError):
     """Try again later (with backoff); the message is what `last_error` shows."""
+
+
+class LinkError(TransientError):
+    """The receiver did not answer (or its answer was cut short): the link, not the item, is at fault."""
+
+
+class AuthError(TransientError):
+    """The receiver refuses this device (HTTP 401/403): nothing can be sent until sync.token_file is fixed."""
 
 
 class PermanentError(RuntimeError):
@@ -70,8 +80,13 @@ class CloudClient:
         self.session.headers.update({"User-Agent": f"edgescreen/{__version__}", "X-Edgescreen-Device": device_id})
         if site:
             self.session.headers["X-Edgescreen-Site"] = site.encode("ascii", "replace").decode()
+        self.set_token(token)
+
+    def set_token(self, token: str | None) -> None:
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
+        else:
+            self.session.headers.pop("Authorization", None)
 
     def close(self) -> None:
         self.session.close()
@@ -82,18 +97,18 @@ class CloudClient:
         try:
             return self.session.request(method, url, timeout=timeout or self.timeout, **kwargs)
         except requests.exceptions.SSLError as exc:
-            raise TransientError(f"TLS verification of {self.url} failed ({_short(exc)}); check sync.ca_file "
-                                 "and the receiver's certificate") from None
+            raise LinkError(f"TLS verification of {self.url} failed ({_short(exc)}); check sync.ca_file "
+                            "and the receiver's certificate") from None
         except requests.RequestException as exc:
-            raise TransientError(f"cannot reach {self.url}: {_short(exc)}") from None
+            raise LinkError(f"cannot reach {self.url}: {_short(exc)}") from None
 
     @staticmethod
     def _json(resp: requests.Response) -> dict[str, Any]:
         try:
             doc = resp.json()
         except ValueError:
-            raise TransientError(f"the receiver's answer (HTTP {resp.status_code}) was cut short or is not "
-                                 "JSON") from None
+            raise LinkError(f"the receiver's answer (HTTP {resp.status_code}) was cut short or is not "
+                            "JSON") from None
         if not isinstance(doc, dict):
             raise TransientError(f"the receiver answered HTTP {resp.status_code} with a non-object")
         return doc
@@ -104,12 +119,13 @@ class CloudClient:
             return self._json(resp)
         detail = ""
         try:
-            detail = str(resp.json().get("error", ""))[:200]
+            doc = resp.json()
+            detail = str(doc.get("error", ""))[:200] if isinstance(doc, dict) else ""
         except ValueError:
             detail = resp.text[:120].strip()
         if status in (401, 403):
-            raise TransientError(f"{what}: the receiver refused this device (HTTP {status}: {detail}); check "
-                                 "sync.token_file")
+            raise AuthError(f"the receiver refused this device (HTTP {status}: {detail}); check sync.token_file "
+                            "(a token from `edgescreen cloud-receiver --add-device`) and sync.device_id")
         if status in (400, 413, 415, 422):
             raise PermanentError(f"{what}: the receiver refused the item (HTTP {status}: {detail})")
         raise TransientError(f"{what}: HTTP {status}" + (f": {detail}" if detail else ""))
