@@ -1,5 +1,8 @@
 """CT series loading: ctload vs a plain sequential pydicom loop, same files, same run; peak RSS of analyze.
 
+Writes the `ct_load` section of bench/results.json: the headline ratio is against the issue's baseline,
+the bare sequential read-and-stack loop (`baseline_raw`), with the HU-and-sort loop beside it.
+
     .venv/bin/python bench/bench_ct_load.py [--slices 300] [--repeats 3] [--workers N] [--skip-analyze]
 
 Writes a 512x512 phantom series once into bench/out/ (kept for later runs), reads every file once so
@@ -30,15 +33,9 @@ OUT = REPO / "bench" / "out" / "ct_load"
 
 def phantom_series(slices: int) -> list[Path]:
     """A seed-7 phantom with a PDAC at 512x512 and `slices` slices, written once and reused."""
-    target = OUT / f"ct{slices}"
-    marker = target / "done.json"
-    if not marker.is_file():
-        from models.phantom.ct import generate_ct_volume, write_ct_series
+    from bench.harness import ct_series
 
-        ph = generate_ct_volume(7, "pdac", slices=slices)
-        write_ct_series(ph, target, 7)
-        marker.write_text(json.dumps({"slices": slices, "spacing": ph.spacing_mm}))
-    return sorted(target.glob("*.dcm"))
+    return sorted(ct_series(slices).glob("*.dcm"))
 
 
 def baseline(paths: list[Path]) -> np.ndarray:
@@ -90,9 +87,9 @@ sys.path.insert(0, {str(REPO)!r})
 if not {reference!r}:
     from tests.test_pancreas_pipeline import write_test_models
     write_test_models(Path({str(models)!r}))
-from appliance.pipeline.analyze import analyze_study
+from appliance.pipeline.analyze import AnalysisRequest, analyze_study
 paths = [Path(p) for p in json.loads(sys.argv[1])]
-f = analyze_study(paths, Path({str(OUT / 'analyze')!r}), models_dir=Path({str(models)!r}))
+f = analyze_study(AnalysisRequest(paths, Path({str(OUT / 'analyze')!r}), models_dir=Path({str(models)!r})))
 hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")]
 print(json.dumps({{"timings": f["timings_s"], "triage": f["triage"], "lesions": len(f["lesions"]),
                   "hwm_kb": int(hwm[0].split()[1]) if hwm else None}}))
@@ -116,6 +113,10 @@ def main() -> int:
     parser.add_argument("--skip-analyze", action="store_true")
     args = parser.parse_args()
 
+    from bench.harness import truncate as _trunc
+    from bench.results_io import machine, write_section
+
+    info = machine()
     paths = phantom_series(args.slices)
     megabytes = sum(p.stat().st_size for p in paths) / 1e6
     for p in paths:  # warm the page cache for both contenders
@@ -143,10 +144,25 @@ def main() -> int:
     cpu = {name: statistics.median(v) for name, v in CPU.items()}
     print(f"CPU seconds (all threads, median): baseline {cpu['baseline']:.3f}, bare loop {cpu['baseline_raw']:.3f}, "
           f"ctload {cpu['contender']:.3f}")
+    section = {
+        "series": f"{len(paths)} files 512x512, {megabytes:.1f} MB, warm page cache", "repeats": args.repeats,
+        "baseline": "bare sequential pydicom read-and-stack loop (dcmread + pixel_array + np.stack)",
+        "baseline_s": _trunc(raw), "ctload_s": _trunc(ours), "ratio": _trunc(raw / ours),
+        "ratio_best": _trunc(min(raw_times) / min(ours_times)), "aim_ratio": 1.5, "aim_met": raw / ours >= 1.5,
+        "hu_sort_loop_s": _trunc(base), "ratio_vs_hu_sort_loop": _trunc(base / ours),
+        "cpu_s": {"bare_loop": _trunc(cpu["baseline_raw"]), "hu_sort_loop": _trunc(cpu["baseline"]),
+                  "ctload": _trunc(cpu["contender"])},
+        "output_dtype": str(got.dtype),
+    }
     if not args.skip_analyze:
         rss_mb, which, result = peak_rss_of_analyze(paths)
         print(f"analyze_study peak RSS ({which} models): {rss_mb:.0f} MB; timings {result['timings']}")
+        section["analyze_peak_rss_mb"] = _trunc(rss_mb, 1)
+    write_section("ct_load", section, machine_info=info,
+                  command=f".venv/bin/python bench/bench_ct_load.py --repeats {args.repeats} --slices {args.slices}"
+                  + (" --skip-analyze" if args.skip_analyze else ""))
     return 0
+
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ is the median over rounds of (storescp seconds / edgescreen seconds). Note what 
 storescp does not fsync; edgescreen fsyncs every instance before its success response.
 
 It also measures the SQLite cost of indexing one instance (the three-row transaction of
-store_instance) with synchronous=FULL and with synchronous=NORMAL in WAL mode.
+store_instance) with synchronous=FULL and with synchronous=NORMAL in WAL mode. Writes the
+`dicom_receive` section of bench/results.json.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -29,6 +29,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.harness import stop_process, truncate  # noqa: E402
+
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 STORESCU, STORESCP, ECHOSCU = "/usr/bin/storescu", "/usr/bin/storescp", "/usr/bin/echoscu"
 
@@ -80,14 +83,6 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
 
 def run_storescp(series_dir: Path, out: Path) -> tuple[float, float | None]:
     out.mkdir(parents=True)
@@ -99,7 +94,7 @@ def run_storescp(series_dir: Path, out: Path) -> tuple[float, float | None]:
         seconds = send(series_dir, port)
         return seconds, peak_rss_mb(proc.pid)
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 def run_edgescreen(series_dir: Path, data: Path, fsync_dir: str) -> tuple[float, float | None]:
@@ -115,7 +110,7 @@ def run_edgescreen(series_dir: Path, data: Path, fsync_dir: str) -> tuple[float,
         seconds = send(series_dir, port)
         return seconds, peak_rss_mb(proc.pid)
     finally:
-        stop(proc)
+        stop_process(proc)
         err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
         if proc.returncode != 0:
             print(err[-2000:], file=sys.stderr)
@@ -169,6 +164,9 @@ def main() -> int:
         if not Path(tool).exists():
             print(f"{tool} missing: apt install dcmtk", file=sys.stderr)
             return 2
+    from bench.results_io import machine, write_section
+
+    info = machine()
     series = make_series(args.series_dir / f"s{args.slices}", args.slices)
     mb = sum(p.stat().st_size for p in series) / 1e6
     work = Path(tempfile.mkdtemp(prefix="bench-dicom-", dir=args.work_dir))
@@ -204,6 +202,20 @@ def main() -> int:
     print(f"disk floor: create + write + fsync of one {mb / len(series) * 1000:.0f} kB file takes {floor:.1f} ms here "
           f"(edgescreen: {statistics.median(ours) / len(series) * 1000:.1f} ms per instance in all)")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    ratio = statistics.median(ratios)
+    write_section("dicom_receive", {
+        "series": f"{len(series)} files, {mb:.1f} MB (512x512 CT phantom), dcmtk storescu with TCP_NODELAY=1",
+        "baseline": "dcmtk storescp (no fsync) on the same disk", "rounds": args.rounds,
+        "baseline_s": truncate(statistics.median(theirs)), "edgescreen_s": truncate(statistics.median(ours)),
+        "ratio": truncate(ratio), "ratio_range": [truncate(min(ratios)), truncate(max(ratios))], "aim_ratio": 0.25,
+        "aim_met": ratio >= 0.25, "ms_per_instance": truncate(statistics.median(ours) / len(series) * 1000, 2),
+        "fsync_floor_ms_per_file": truncate(floor, 2), "peak_rss_mb": truncate(rss[-1][1] or 0, 1),
+        "baseline_peak_rss_mb": truncate(rss[-1][0] or 0, 1),
+        "sqlite_index_ms": {"FULL": truncate(cost["FULL"], 3), "NORMAL": truncate(cost["NORMAL"], 3)},
+        "rounds_detail": [{"storescp_s": truncate(t), "edgescreen_s": truncate(e), "ratio": truncate(t / e)}
+                          for t, e in zip(theirs, ours, strict=True)],
+    }, machine_info=info, command=f".venv/bin/python bench/bench_dicom_receive.py --rounds {args.rounds} "
+       f"--slices {args.slices} --fsync-dir {args.fsync_dir}")
     return 0
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.harness import stop_process  # noqa: E402
 from bench.results_io import machine, write_section  # noqa: E402
 
 EDGESCREEN = [sys.executable, "-m", "appliance.cli"]
@@ -103,15 +104,6 @@ def _cloud(data_dir: Path, port: int, *, nice: int = 0) -> subprocess.Popen:
     _wait_http(f"http://127.0.0.1:{port}/healthz", proc)
     return proc
 
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _free_port() -> int:
@@ -174,7 +166,7 @@ def throughput(root: Path, src: Path, items: int, rounds: int) -> dict[str, obje
             injected = {k: v for k, v in proxy.counts.items() if k != "pass"}
         rows, distinct = _count(root / "cloud" / "receiver.db", "faults")
     finally:
-        _stop(rec)
+        stop_process(rec)
     per_round = [b / c for b, c in zip(baseline_s, clean_s, strict=True)]
     base, sync = _median(baseline_s), _median(clean_s)
     return {
@@ -232,7 +224,7 @@ def backlog(root: Path, seg: Path, sr: Path, studies: int) -> dict[str, object]:
         service.stop.set()
         thread.join(timeout=60)
         service.close()
-        _stop(rec)
+        stop_process(rec)
     rows, keys = _count(root / "cloud2" / "receiver.db")
     return {"backlog_studies": studies, "backlog_items": len(items), "backlog_delivered": keys,
             "backlog_duplicates": rows - keys,
@@ -373,9 +365,9 @@ def tiles(root: Path, seg: Path, sr: Path, window_s: float, windows: int, studie
         for proc in (sync, cloud):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGCONT)
-        _stop(sync)
-        _stop(web)
-        _stop(cloud)
+        stop_process(sync)
+        stop_process(web)
+        stop_process(cloud)
 
     def state_at(t: float) -> bool | None:
         return next((running for start, end, running in plan if start <= t < end), None)
@@ -520,7 +512,7 @@ def interference(root: Path, slices: int, rounds: int, backlog_studies: int) -> 
                     result["sync_items_during_analysis"] = _count(cloud_db, "busy-box")[1] - at
                     result["backlog_left_after"] = store.query_one(
                         "SELECT COUNT(*) FROM outbox WHERE state IN ('pending', 'sending')")[0]
-                    _stop(sync_proc)
+                    stop_process(sync_proc)
                 runs[name].append(result)
                 print(f"round {r + 1} {name}: analysis {result['analysis_s']:.2f} s, API p50 "
                       f"{_pct(result['api_ms'], 0.5):.0f} ms (load {os.getloadavg()[0]:.1f})"
@@ -528,8 +520,8 @@ def interference(root: Path, slices: int, rounds: int, backlog_studies: int) -> 
                          f"{result['backlog_left_after']} left" if sync_proc else ""), flush=True)
     finally:
         for proc in procs.values():
-            _stop(proc)
-        _stop(cloud)
+            stop_process(proc)
+        stop_process(cloud)
         store.close()
 
     def med(name: str) -> float:

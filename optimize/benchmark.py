@@ -11,6 +11,12 @@ timed loop; without one, the profile's watts for that backend times the measured
 ``energy_estimated``. RAPL sees the CPU package only, and on a shared box it also sees other work:
 treat it as an upper bound for the model alone.
 
+Units: ``latency_ms_*`` are per *item*: per input case at ``batch`` 1, per call divided by ``batch``
+when several cases go through one call (a tiled model's tiles per call), so a ratio of two figures is
+always work against the same work. With a ``window`` (a tiled model's patch, overlap, tiles per call)
+the item is one whole volume run through the appliance's sliding window, activation and accumulation
+included: what stage 1 costs a study.
+
 Usage of the child (the parent builds the command): python -m optimize.benchmark SPEC.json
 """
 
@@ -44,6 +50,9 @@ class BenchResult:
     energy_j_per_inference: float | None
     energy_estimated: bool
     energy_source: str
+    batch: int = 1
+    unit: str = "inference"
+    cpu_ms_per_item: float | None = None  # CPU time of all threads per item: steadier than wall time on a shared box
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -71,25 +80,41 @@ def peak_rss_kib() -> int:
 
 
 def measure(artifact: Path, backend: str, device: str, precision: str, threads: int | None,
-            inputs: dict[str, np.ndarray], runs: int, warmup: int, estimate_w: float) -> BenchResult:
-    """Load, warm up, time ``runs`` calls; called inside the child process."""
+            inputs: dict[str, np.ndarray], runs: int, warmup: int, estimate_w: float, batch: int = 1,
+            window: dict[str, Any] | None = None) -> BenchResult:
+    """Load, warm up, time ``runs`` calls; called inside the child process.
+
+    ``batch`` > 1 stacks that many copies of the case into one call. ``window`` ({"card": path, "patch",
+    "overlap", "batch"}) times a whole volume (``inputs``, batch axis dropped) through the sliding window.
+    """
     from appliance.runtime import get_backend
 
     start = time.perf_counter()
     session = get_backend(backend).load(artifact, device=device, precision=precision, threads=threads)
+    if window is not None:
+        call, unit, per_call = _window_call(session, inputs, window), "volume", 1
+    else:
+        feed = {k: np.concatenate([v] * batch) if batch > 1 else v for k, v in inputs.items()}
+
+        def call() -> None:
+            session.run(feed)
+
+        unit, per_call = "inference", batch
     for _ in range(warmup):
-        session.run(inputs)
+        call()
     load_s = time.perf_counter() - start
     meter = _meter(estimate_w)
     if meter is not None:
         meter.sample()
     times = []
+    c0 = time.process_time()
     t0 = time.perf_counter()
     for _ in range(runs):
         t = time.perf_counter()
-        session.run(inputs)
+        call()
         times.append(time.perf_counter() - t)
     wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     joules, estimated, source = None, True, "none"
     if meter is not None:
         s = meter.sample()
@@ -97,26 +122,44 @@ def measure(artifact: Path, backend: str, device: str, precision: str, threads: 
     if joules is None:  # no meter module or a failed read: the profile estimate
         joules, estimated, source = estimate_w * wall, True, f"estimate:{estimate_w:g}W"
     session.close()
-    ms = np.array(times) * 1000.0
+    ms = np.array(times) * 1000.0 / per_call
+    items = runs * per_call
     rss_kb = peak_rss_kib()
     return BenchResult(
         latency_ms_p50=float(np.percentile(ms, 50)), latency_ms_p95=float(np.percentile(ms, 95)),
-        latency_ms_mean=float(ms.mean()), throughput_per_s=float(runs / wall), runs=runs, warmup=warmup,
-        load_s=load_s, peak_rss_mb=rss_kb / 1024.0, energy_j_per_inference=joules / runs,
-        energy_estimated=bool(estimated), energy_source=source,
+        latency_ms_mean=float(ms.mean()), throughput_per_s=float(items / wall), runs=runs, warmup=warmup,
+        load_s=load_s, peak_rss_mb=rss_kb / 1024.0, energy_j_per_inference=joules / items,
+        energy_estimated=bool(estimated), energy_source=source, batch=per_call if window is None else window["batch"],
+        unit=unit, cpu_ms_per_item=cpu * 1000.0 / items,
     )
+
+
+def _window_call(session: Any, inputs: dict[str, np.ndarray], window: dict[str, Any]) -> Any:
+    from appliance.modelcard import load_card
+    from optimize.window import Window, predictor, run_volume
+
+    card = load_card(Path(window["card"]), verify_file=False)
+    win = Window(tuple(window["patch"]), float(window["overlap"]), int(window["batch"]))
+    image = {k: v[0] for k, v in inputs.items()}  # (1, C, Z, Y, X) -> (C, Z, Y, X)
+    predict = predictor(session, card)
+
+    def call() -> None:
+        run_volume(predict, card, image, win)
+
+    return call
 
 
 def run_in_subprocess(artifact: Path, backend: str, device: str, precision: str, threads: int | None,
                       inputs: dict[str, np.ndarray], *, runs: int, warmup: int, estimate_w: float, work_dir: Path,
-                      timeout_s: float = 900) -> BenchResult:
+                      timeout_s: float = 900, batch: int = 1, window: dict[str, Any] | None = None) -> BenchResult:
     """Benchmark in a fresh interpreter and return its figures; raises RuntimeError with its stderr."""
     work_dir.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{time.monotonic_ns()}"
     inputs_path = work_dir / f"bench-inputs-{tag}.npz"
     np.savez(inputs_path, **inputs)
     spec = {"artifact": str(artifact), "backend": backend, "device": device, "precision": precision,
-            "threads": threads, "inputs": str(inputs_path), "runs": runs, "warmup": warmup, "estimate_w": estimate_w}
+            "threads": threads, "inputs": str(inputs_path), "runs": runs, "warmup": warmup, "estimate_w": estimate_w,
+            "batch": batch, "window": window}
     spec_path = work_dir / f"bench-spec-{tag}.json"
     spec_path.write_text(json.dumps(spec))
     repo = str(Path(__file__).resolve().parents[1])
@@ -140,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     with np.load(spec["inputs"]) as z:
         inputs = {k: z[k] for k in z.files}
     result = measure(Path(spec["artifact"]), spec["backend"], spec["device"], spec["precision"], spec["threads"],
-                     inputs, spec["runs"], spec["warmup"], spec["estimate_w"])
+                     inputs, spec["runs"], spec["warmup"], spec["estimate_w"], spec.get("batch", 1), spec.get("window"))
     print(_RESULT_PREFIX + json.dumps(asdict(result)), flush=True)
     return 0
 

@@ -5,7 +5,8 @@ come from them), and the accuracy gate needs cases with truth that were *never* 
 come from the project's phantoms, rendered straight at the model card's target spacing (the phantom
 fixes a patient in millimetres, so rendering at the card's grid gives the anatomy that resampling a
 native 512x512 series would, at a fraction of the cost; it keeps somewhat less noise than that path,
-see models/MODELS.md) and normalised by the card's own rule.
+see models/MODELS.md) and normalised by the card's own rule with the pipeline's own code (appliance.pipeline.preprocess), so
+the optimiser needs no training code.
 
 Seed ranges are disjoint and recorded in the bundle's report:
   training        0 ..  99_999 (models/train)
@@ -40,7 +41,7 @@ import numpy as np
 
 from appliance.logs import get_logger
 from appliance.modelcard import ModelCard
-from models.train.ct_common import crop  # the trainers' crop: calibration sees what training saw
+from appliance.pipeline.preprocess import Grid, bbox_centre, crop_box, normalize, sample_box
 
 log = get_logger(__name__)
 
@@ -50,7 +51,7 @@ HELDOUT_SEED_BASE = 300_000
 LESION_CLASSES: tuple[str, ...] = ("pdac", "pnet", "spt", "ipmn", "mcn", "scn", "cp", "other")
 PANCREAS_LABEL = 1
 MAX_SKIPPED = 200
-AIR_HU = -1000.0
+AIR_HU = -1000.0  # the phantom's air; crops beyond the rendered volume are filled with it
 
 
 @dataclass
@@ -174,24 +175,12 @@ def directory_cases(card: ModelCard, directory: Path, n: int) -> CaseSet:
 # ------------------------------------------------------------------------------- CT phantom builders
 
 
-def normalise(hu: np.ndarray, card: ModelCard) -> np.ndarray:
-    """The card's normalisation (hu_window or zscore), as appliance.pipeline applies it."""
-    norm = card.preprocessing.normalization
-    x = hu.astype(np.float32)
-    if norm.type == "hu_window":
-        return ((np.clip(x, norm.low, norm.high) - norm.low) / (norm.high - norm.low)).astype(np.float32)
-    if norm.type == "zscore":
-        lo = -np.inf if norm.clip_low is None else norm.clip_low
-        hi = np.inf if norm.clip_high is None else norm.clip_high
-        return ((np.clip(x, lo, hi) - norm.mean) / norm.std).astype(np.float32)
-    raise ValueError(f"{card.role}: {norm.type} normalisation is for 2D images, not CT")
-
-
-def bbox_centre(mask: np.ndarray) -> tuple[int, ...]:
-    idx = np.nonzero(mask)
-    if len(idx[0]) == 0:
-        return tuple(s // 2 for s in mask.shape)
-    return tuple(int(round((int(i.min()) + int(i.max())) / 2)) for i in idx)
+def crop(volume: np.ndarray, centre: Sequence[int], size: Sequence[int], fill: float = 0.0) -> np.ndarray:
+    """The ``size`` box around ``centre``, placed and filled exactly as the pipeline places its crops
+    (appliance.pipeline.preprocess: ``crop_box`` then ``sample_box`` on the volume's own grid, which
+    samples voxel for voxel), so calibration sees what the appliance feeds the model."""
+    grid = Grid.make(volume.shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
+    return sample_box(volume, grid, grid, crop_box(centre, size), size, order=0, fill=fill)
 
 
 def _ct():  # noqa: ANN202 - the phantom module, imported only when phantom cases are wanted
@@ -230,7 +219,7 @@ def _channels(card: ModelCard, hu: np.ndarray, labels: np.ndarray, lesion: np.nd
         chans = []
         for name in spec.channels:
             if name == "ct":
-                chans.append(normalise(hu, card))
+                chans.append(normalize(hu, card.preprocessing.normalization))
             elif name == "pancreas_mask":
                 chans.append((labels == PANCREAS_LABEL).astype(np.float32))
             elif name == "lesion_mask":
@@ -252,8 +241,10 @@ def ct_builder(card: ModelCard, seed: int, lesion: str | None) -> Case:
     ph = render_ct(seed, lesion, pre.target_spacing_mm, size)
     hu = np.asarray(ph.hu, dtype=np.float32)
     labels, les = np.asarray(ph.labels), np.asarray(ph.lesion)
-    centre_mask = les > 0 if (card.role == "pancreas.stage3" and les.any()) else labels == PANCREAS_LABEL
-    centre = bbox_centre(centre_mask)
+    on_lesion = card.role == "pancreas.stage3" and les.any()
+    centre = bbox_centre(les > 0 if on_lesion else labels == PANCREAS_LABEL)
+    if centre is None:  # an empty mask has no centre: cropping the middle would gate on the wrong anatomy
+        raise ValueError(f"{card.role}: seed {seed} renders no pancreas at the card's spacing")
     hu_c = crop(hu, centre, size, fill=AIR_HU)
     lab_c, les_c = crop(labels, centre, size), crop(les, centre, size)
     truth: dict[str, np.ndarray] = {}

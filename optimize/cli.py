@@ -1,7 +1,6 @@
-"""The optimiser's command: arguments come from appliance.cli.optimize_cmd; this is what runs them.
-
-Also runnable on its own (``python -m optimize.cli --profile x86-cpu --out DIR``), for the benchmark
-script and for boxes whose CLI table is being edited.
+"""The optimiser's command: `edgescreen optimize` (appliance.cli.optimize_cmd) declares the arguments and
+calls `run_optimize`, its one entry into this package. Nothing here imports the appliance's CLI, so the
+layers only point down (appliance.cli -> optimize -> appliance's runtime, config and cards).
 """
 
 from __future__ import annotations
@@ -9,13 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from appliance.bundle import ensure_signing_key, install_bundle
 from appliance.config import ConfigError, load_profile
 from appliance.logs import get_logger
 from appliance.modelcard import CardError
+from appliance.selftest import write_expected_findings
 from optimize import report as report_mod
 from optimize.candidates import CandidateSpec
 from optimize.quantize_ort import METHODS
@@ -36,12 +35,20 @@ def options_from_args(args: argparse.Namespace, profile_name: str, cache_dir: Pa
         raise ConfigError(f"--ov-preset: {args.ov_preset!r}; use performance, mixed or both in the order to try")
     if args.bench_runs < 10:
         raise ConfigError("--bench-runs must be at least 10 (p95 of fewer runs is noise)")
+    try:
+        batches = tuple(int(b) for b in str(args.batches).split(",") if b.strip())
+    except ValueError as exc:
+        raise ConfigError(f"--batches: {args.batches!r} is not a list of integers (e.g. 1,2,4)") from exc
+    if not batches or any(b < 1 or b > 16 for b in batches):
+        raise ConfigError(f"--batches: {args.batches!r}; each must be 1..16")
+    if args.volume_cases < 0:
+        raise ConfigError("--volume-cases must be 0 or more")
     return Options(
         profile=load_profile(profile_name), n_calibration=args.calibration_cases, n_heldout=args.heldout_cases,
         bench_runs=args.bench_runs, bench_warmup=args.warmup, select=args.select, ort_methods=methods,
         ov_presets=presets, accuracy_control=not args.no_accuracy_control,
         static_shapes=not args.dynamic_shapes, calibration_dir=Path(args.calibration) if args.calibration else None,
-        cache_dir=cache_dir, threads=args.threads,
+        cache_dir=cache_dir, threads=args.threads, batches=batches, volume_cases=args.volume_cases,
     )
 
 
@@ -88,7 +95,8 @@ def run_optimize(args: argparse.Namespace, ctx: Any) -> int:
         print(f"edgescreen optimize: no model cards{' for ' + args.roles if roles else ''} in {models_dir}",
               file=sys.stderr)
         return 2
-    key = Path(args.key) if args.key else ensure_signing_key(data_dir)
+    key_home = getattr(ctx, "key_home", data_dir)  # root-owned /etc/edgescreen on a provisioned box
+    key = Path(args.key) if args.key else ensure_signing_key(key_home)
     out = Path(args.out)
     print(f"optimising {len(cards)} model(s) for profile {opts.profile.name}: "
           f"{', '.join(p.stem for p in cards)}", file=sys.stderr)
@@ -104,10 +112,11 @@ def run_optimize(args: argparse.Namespace, ctx: Any) -> int:
         print(f"edgescreen optimize: no candidate passed the gates for {', '.join(failed)}; no bundle written "
               "(see the table above for each candidate's figures)", file=sys.stderr)
         return code
+    write_expected_findings(out, key, threads=opts.threads, progress=lambda msg: print(msg, file=sys.stderr))
     print(f"bundle {report['bundle_id']} written to {out} (signed; report in {out / 'report.md'}), "
           f"{report['elapsed_s']:.0f} s")
     if args.install:
-        dest = install_bundle(out, data_dir)
+        dest = install_bundle(out, data_dir, key_home=key_home)
         print(f"installed as {dest}")
     return 0
 
@@ -119,31 +128,3 @@ def parse_candidates(text: str) -> list[CandidateSpec]:
         backend, device, precision = item.strip().split("/")
         specs.append(CandidateSpec(backend, device, precision))
     return specs
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry: the same arguments as `edgescreen optimize`, plus --data-dir."""
-    from appliance.cli.optimize_cmd import add_arguments
-    from appliance.config import load_site_config, resolve_paths
-    from appliance.logs import setup_logging
-
-    parser = argparse.ArgumentParser(prog="python -m optimize.cli", description=__doc__)
-    parser.add_argument("--data-dir")
-    parser.add_argument("--log-level", default="info")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-    config = load_site_config(None)
-
-    ctx = SimpleNamespace(config=config, data_dir=resolve_paths(args.data_dir, config), _profile_override=None)
-    if not args.optimize_profile:
-        args.optimize_profile = config.hardware.profile
-    try:
-        return run_optimize(args, ctx)
-    except ConfigError as exc:
-        print(f"edgescreen optimize: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

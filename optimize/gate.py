@@ -15,6 +15,16 @@ What is measured, per output kind the model card declares:
   is reported beside it to show how close a failing candidate came.
 * heatmap: not in the issue's gate, but a heatmap is drawn on the clinic's screen, so a candidate
   whose heatmap does not correlate with FP32's (Pearson r < 0.95) is refused too.
+* features (the pooled encoder features the validated-domain gate reads): never gated on their own
+  values, since quantisation moves them and only their effect counts; their drift against FP32 is
+  reported (mean relative L2 error, worst cosine). Their effect is gated where the card has an
+  ``domain.ood`` statistic on that output: the share of held-out in-domain cases whose features lie
+  beyond the card's threshold (the in-domain flag rate) must stay at or under the card's target (1 %),
+  unless FP32 itself flags more of these cases, in which case the candidate must not flag more than
+  FP32 does. A quantiser that pushes in-domain studies out of the domain would make the appliance
+  answer `indeterminate` to studies it can read. A sliding-window model's per-case features come from
+  one tile, not from the study-wide mean the appliance scores, so its flag rate is measured on whole
+  volumes instead (optimize.window) and only the drift is reported here.
 
 Several outputs of one kind (rare) are gated on their worst figure. The thresholds are a dataclass so a
 site with a stricter policy can pass its own.
@@ -27,9 +37,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
 
 from appliance.modelcard import ModelCard, OutputSpec
+from appliance.pipeline import activations, metrics
 from optimize.calibration import Case
 
 
@@ -58,6 +68,11 @@ class GateResult:
     decision_agreement: float | None = None
     prob_mae: float | None = None
     heatmap_corr: float | None = None
+    features_rel_error: float | None = None
+    features_cosine_min: float | None = None
+    ood_flag_rate: float | None = None
+    ood_flag_rate_fp32: float | None = None
+    ood_target_flag_rate: float | None = None
     heldout_cases: int = 0
     reasons: list[str] = field(default_factory=list)
 
@@ -69,24 +84,17 @@ class GateResult:
 
 
 def activate(logits: np.ndarray, activation: str, axis: int = 1) -> np.ndarray:
-    """Probabilities from raw outputs, as the card says (outputs are stored pre-activation)."""
-    x = np.asarray(logits, dtype=np.float64)
-    if activation == "softmax":
-        e = np.exp(x - x.max(axis=axis, keepdims=True))
-        return e / e.sum(axis=axis, keepdims=True)
-    if activation == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
-    return x
+    """Probabilities from raw outputs, as the card says (outputs are stored pre-activation): the appliance's
+    own activation (appliance.pipeline.activations), in float64 for the gate's statistics."""
+    return np.asarray(activations.activate(logits, activation, axis=axis), dtype=np.float64)
 
 
 def binary_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
-    """ROC AUC by the rank (Mann-Whitney) formula, ties counted half; None without both classes."""
-    labels = np.asarray(labels).astype(bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
+    """ROC AUC (appliance.pipeline.metrics.auc: one copy of the rule); None without both classes."""
+    labels = np.asarray(labels).astype(int)
+    if labels.min(initial=1) == labels.max(initial=0) or not labels.size:
         return None
-    ranks = rankdata(np.asarray(scores, dtype=np.float64))
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return metrics.auc(labels, np.asarray(scores, dtype=np.float64))
 
 
 def macro_auc(probs: np.ndarray, truth: np.ndarray) -> float | None:
@@ -163,6 +171,38 @@ def _decisions(probs: np.ndarray, card: ModelCard, spec: OutputSpec) -> np.ndarr
     return probs >= _decision_thresholds(card, spec)[None, :]
 
 
+def features_drift(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> tuple[float, float]:
+    """(mean relative L2 error, worst cosine similarity) of per-case feature vectors against FP32's."""
+    rel, cos = [], []
+    for r, c in zip(reference, candidate, strict=True):
+        a = np.asarray(r, dtype=np.float64).reshape(-1)
+        b = np.asarray(c, dtype=np.float64).reshape(-1)
+        na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+        rel.append(float(np.linalg.norm(b - a)) / max(na, 1e-12))
+        cos.append(1.0 if na < 1e-12 and nb < 1e-12 else float(a @ b) / max(na * nb, 1e-12))
+    return float(np.mean(rel)) if rel else 0.0, float(np.min(cos)) if cos else 1.0
+
+
+def ood_flag_rates(card: ModelCard, output: str, reference: Sequence[np.ndarray],
+                   candidate: Sequence[np.ndarray]) -> tuple[float, float, float] | None:
+    """(candidate's, FP32's, target) in-domain flag rate of the card's OOD statistic on `output`'s
+    per-case features, or None when the card has no OOD statistic on that output."""
+    ood = card.domain.ood if card.domain is not None else None
+    if ood is None or ood.output != output or not len(reference):
+        return None
+    from appliance.pipeline.domain.ood import distance  # the appliance's own score: one copy of the rule
+
+    def rate(vectors: Sequence[np.ndarray]) -> float:
+        return float(np.mean([distance(np.asarray(v).reshape(-1), ood) > ood.threshold for v in vectors]))
+
+    return rate(candidate), rate(reference), float(ood.target_flag_rate)
+
+
+def flag_rate_ok(rate: float, fp32_rate: float, target: float) -> bool:
+    """At or under the target, or (when FP32 itself flags more of these cases) no more than FP32 flags."""
+    return rate <= max(target, fp32_rate) + 1e-12
+
+
 # ----------------------------------------------------------------------------------------------- gate
 
 
@@ -222,9 +262,21 @@ def evaluate(card: ModelCard, cases: Sequence[Case], reference: Sequence[dict[st
                 b = activate(np.asarray(cand[spec.name]), spec.activation).ravel()
                 corrs.append(1.0 if a.std() < 1e-9 and b.std() < 1e-9 else float(np.corrcoef(a, b)[0, 1]))
             keep("heatmap_corr", float(np.nanmean(corrs)) if not np.all(np.isnan(corrs)) else 0.0)
+        elif spec.kind == "features":
+            ref_f = [np.asarray(r[spec.name]) for r in reference]
+            cand_f = [np.asarray(c[spec.name]) for c in candidate]
+            rel, cos = features_drift(ref_f, cand_f)
+            keep("features_rel_error", rel)
+            keep("features_cosine_min", cos)
+            if card.preprocessing.patch_size is None:  # a sliding-window model is flag-checked per volume
+                rates = ood_flag_rates(card, spec.name, ref_f, cand_f)
+                if rates is not None:
+                    keep("ood_flag_rate", rates[0])
+                    keep("ood_flag_rate_fp32", rates[1])
+                    keep("ood_target_flag_rate", rates[2])
 
     lower_is_worse = {"dice_vs_fp32", "dice_vs_truth", "dice_vs_truth_fp32", "auc", "auc_fp32", "decision_agreement",
-                      "heatmap_corr"}
+                      "heatmap_corr", "features_cosine_min", "ood_target_flag_rate"}
     for name, values in worst.items():
         setattr(result, name, min(values) if name in lower_is_worse else max(values))
     t = thresholds
@@ -242,6 +294,12 @@ def evaluate(card: ModelCard, cases: Sequence[Case], reference: Sequence[dict[st
             result.passed = False
             worst = f"; worst {result.dice_vs_fp32_worst_class}" if name == "dice_vs_fp32" else ""
             result.reasons.append(f"{name} {value:.4f} (needs {wanted}{worst})")
+    if result.ood_flag_rate is not None and not flag_rate_ok(result.ood_flag_rate, result.ood_flag_rate_fp32 or 0.0,
+                                                             result.ood_target_flag_rate or 0.0):
+        result.passed = False
+        result.reasons.append(f"ood_flag_rate {result.ood_flag_rate:.4f} of in-domain held-out cases flagged out of "
+                              f"domain (needs <= {result.ood_target_flag_rate:.4f}, FP32 flags "
+                              f"{result.ood_flag_rate_fp32:.4f})")
     if not len(cases):
         result.passed = False
         result.reasons.append("no held-out cases")

@@ -8,6 +8,7 @@ Progress bars go to stderr and only on a terminal, so logs and CI output stay cl
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Any, TextIO
@@ -40,8 +41,9 @@ def _fmt(value: Any, digits: int = 4) -> str:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
+    if isinstance(value, float):  # truncated, never rounded up: a 0.97996 Dice is not 0.9800
+        scale = 10**digits
+        return f"{math.trunc(value * scale) / scale:.{digits}f}"
     return str(value)
 
 
@@ -114,13 +116,48 @@ def markdown(report: dict[str, Any]) -> str:
         for c in model["candidates"]:
             failed = [a for a in c.get("attempts", [])[:-1] if a.get("error") or not (a.get("gate") or {}).get("passed")]
             if failed and c["status"] in ("passed", "selected"):
-                tried = "; ".join(f"{a['method']} " + (f"failed to build ({a['error'][:80]})" if a.get("error")
-                                  else "failed the gate (" + ", ".join(a["gate"]["reasons"]) + ")") for a in failed)
+                tried = "; ".join(f"{a['method']} " + (f"failed to build ({a['error'][:80]})" if a.get("error") else
+                                  f"skipped ({a['skipped']})" if a.get("skipped") else
+                                  "failed the gate (" + ", ".join(a["gate"]["reasons"]) + ")") for a in failed)
                 notes.append(f"- {c['candidate']}: first tried {tried}; then {c['method']} passed")
+            skipped = [a for a in c.get("attempts", []) if a.get("skipped")]
+            if skipped and c["status"] not in ("passed", "selected"):
+                notes.append(f"- {c['candidate']}: {skipped[0]['method']} skipped: {skipped[0]['skipped']}")
+        for c in model["candidates"]:
+            g = c.get("gate") or {}
+            if g.get("features_rel_error") is not None:
+                flag = ("" if g.get("ood_flag_rate") is None else
+                        f"; in-domain OOD flag rate {_fmt(g['ood_flag_rate'], 3)} (FP32 {_fmt(g.get('ood_flag_rate_fp32'), 3)}, "
+                        f"target {_fmt(g.get('ood_target_flag_rate'), 3)})")
+                notes.append(f"- {c['candidate']}: features drift vs FP32 {_fmt(g['features_rel_error'], 4)} relative L2, "
+                             f"worst cosine {_fmt(g.get('features_cosine_min'), 4)} (reported, not gated){flag}")
         if notes:
             lines += ["", *notes]
+        lines += _window_lines(model)
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _window_lines(model: dict[str, Any]) -> list[str]:
+    """A tiled model's window search: every option with its whole-volume gate and time."""
+    win = model.get("window")
+    if not win:
+        return []
+    ref = win["reference"]
+    lines = ["", f"Window (whole held-out volumes {win['volume_shape']} and similar, {len(win['cases'])} cases; "
+             f"reference ONNX Runtime FP32 at the card's {ref['patch']} overlap {ref['overlap']}, one tile per call, "
+             f"{_fmt(win.get('reference_seconds_per_volume'), 2)} s per volume). Chosen: patch {win['chosen']['patch']}, "
+             f"overlap {win['chosen']['overlap']}, {win['chosen']['batch']} tile(s) per call: "
+             f"{_fmt(model.get('volume_speedup'), 2)}x per volume.", "",
+             "| patch | overlap | tiles/call | s/volume | dice_vs_fp32 | dice_truth_drop | ood flag rate | gate |",
+             "|---|---|---|---|---|---|---|---|"]
+    for o in win["options"]:
+        g = o.get("gate") or {}
+        verdict = o["error"] if o.get("error") else ("passed" if g.get("passed") else "; ".join(g.get("reasons", [])))
+        lines.append(f"| {o['patch']} | {o['overlap']} | {o['batch']} | {_fmt(o.get('seconds_per_volume'), 2)} | "
+                     f"{_fmt(g.get('dice_vs_fp32'))} | {_fmt(g.get('dice_vs_truth_drop'))} | "
+                     f"{_fmt(g.get('ood_flag_rate'), 3)} | {verdict} |")
+    return lines
 
 
 def text_table(report: dict[str, Any]) -> str:

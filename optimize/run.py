@@ -8,12 +8,18 @@ Order of work per model, and why:
    plain quantisation to accuracy-controlled quantisation / another calibration method); an attempt
    that fails is kept in the report with its figures;
 4. benchmarks in fresh processes: the ORT FP32 baseline, then every passing candidate, so each ratio
-   is same-run; a candidate over the profile's memory ceiling is refused;
-5. the fastest passing candidate (or the lowest energy one) that the profile lists is selected.
+   is same-run; a candidate over the profile's memory ceiling is refused. A tiled model (the card has a
+   patch size: stage 1) is measured at 1, 2 and 4 tiles per call and keeps its best, the baseline too
+   (so the ratio is never flattered by batching only one side); figures are per tile;
+5. the fastest passing candidate (or the lowest energy one) that the profile lists is selected;
+6. a tiled model's window (tiles per call, tile size, overlap) is searched and gated on whole held-out
+   volumes (optimize.window); a candidate whose every window fails the volume gate is refused and the
+   next fastest is tried.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import shutil
@@ -30,7 +36,7 @@ from appliance.config.profile import HardwareProfile
 from appliance.logs import get_logger
 from appliance.modelcard import ModelCard, load_card, model_path, sha256_file
 from appliance.runtime import get_backend
-from optimize import benchmark, gate
+from optimize import benchmark, gate, window
 from optimize.calibration import Case, CaseBuilder, CaseSet, build_cases, directory_cases
 from optimize.candidates import BASELINE, BuildOptions, CandidateSpec, attempts, availability, candidates_for
 from optimize.report import Progress
@@ -56,6 +62,10 @@ class Options:
     builders: dict[str, CaseBuilder] = field(default_factory=dict)
     candidates: list[CandidateSpec] | None = None  # None: the profile's
     threads: int | None = None  # None: the profile's inference threads
+    batches: Sequence[int] = window.BATCHES  # tiles per call tried for a tiled model
+    volume_cases: int = 3  # held-out volumes for a tiled model's window search; 0: keep the card's window
+    windows: Sequence[window.Window] = ()  # extra windows to try (a site's own tile sizes)
+    volume_builders: dict[str, window.VolumeBuilder] = field(default_factory=dict)  # tests: role -> volumes
 
 
 @dataclass
@@ -71,6 +81,7 @@ class CandidateOutcome:
     bench: benchmark.BenchResult | None = None
     speedup: float | None = None
     attempts: list[dict[str, Any]] = field(default_factory=list)
+    batches: list[dict[str, Any]] = field(default_factory=list)  # per tiles-per-call benchmark of a tiled model
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,7 +89,8 @@ class CandidateOutcome:
             "precision": self.spec.precision, "in_profile": self.selectable, "status": self.status,
             "selected": self.status == "selected", "method": self.method, "detail": self.detail,
             "gate": self.gate.to_dict() if self.gate else None, "bench": self.bench.to_dict() if self.bench else None,
-            "speedup": None if self.speedup is None else round(self.speedup, 3), "attempts": self.attempts,
+            "speedup": None if self.speedup is None else truncated(self.speedup), "attempts": self.attempts,
+            "batches": self.batches,
         }
 
 
@@ -93,6 +105,15 @@ class ModelOutcome:
     candidates: list[CandidateOutcome]
     baseline: benchmark.BenchResult | None
     elapsed_s: float
+    window: window.WindowResult | None = None
+
+    @property
+    def volume_speedup(self) -> float | None:
+        """The whole-volume ratio of a tiled model: ORT FP32 as the card tiles against the chosen window."""
+        chosen = self.window.chosen_option if self.window else None
+        if not chosen or not chosen.seconds_per_volume or not self.window.reference_seconds_per_volume:
+            return None
+        return self.window.reference_seconds_per_volume / chosen.seconds_per_volume
 
     @property
     def selected(self) -> CandidateOutcome | None:
@@ -107,10 +128,17 @@ class ModelOutcome:
             "baseline": self.baseline.to_dict() if self.baseline else None,
             "selected": self.selected.spec.name if self.selected else None,
             "candidates": [c.to_dict() for c in self.candidates],
+            "window": self.window.to_dict() if self.window else None,
+            "volume_speedup": None if self.volume_speedup is None else truncated(self.volume_speedup),
         }
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+
+def truncated(value: float, digits: int = 3) -> float:
+    """A ratio as measured, truncated: 4.9996x is reported 4.999x, never 5.0x."""
+    return math.trunc(value * 10**digits) / 10**digits
 
 
 def fixed_input_shapes(card: ModelCard) -> dict[str, list[int]]:
@@ -226,12 +254,20 @@ def optimise_model(card_path: Path, opts: Options, work_dir: Path) -> ModelOutco
                         build_opts, calib_score, opts, threads, work)
         for spec in specs
     ]
-    baseline = _benchmark_all(role, outcomes, shapes, heldout.cases[0], opts, threads, work, src)
-    _select(outcomes, opts)
+    tiled = card.preprocessing.patch_size is not None
+    baseline = _benchmark_all(role, outcomes, shapes, heldout.cases[0], opts, threads, work, src,
+                              batches=tuple(opts.batches) if tiled else (1,))
+    win = None
+    if tiled and opts.volume_cases > 0:
+        win = _select_with_window(card, src, outcomes, opts, threads, work)
+    else:
+        _select(outcomes, opts)
     chosen = next((c for c in outcomes if c.status == "selected"), None)
     rlog.info("selected", candidate=chosen.spec.name if chosen else None,
-              speedup=round(chosen.speedup, 2) if chosen and chosen.speedup else None)
-    return ModelOutcome(role, card_path, card, shapes, calibration, heldout, outcomes, baseline, time.monotonic() - started)
+              speedup=round(chosen.speedup, 2) if chosen and chosen.speedup else None,
+              window=win.chosen.label if win else None)
+    return ModelOutcome(role, card_path, card, shapes, calibration, heldout, outcomes, baseline,
+                        time.monotonic() - started, win)
 
 
 def _gate_candidate(spec: CandidateSpec, selectable: bool, role: str, src: Path, calibration: Sequence[Case],
@@ -249,6 +285,11 @@ def _gate_candidate(spec: CandidateSpec, selectable: bool, role: str, src: Path,
     for attempt in attempts(spec, role, src, calibration, build_opts, calib_score):
         record: dict[str, Any] = {"method": attempt.method}
         outcome.attempts.append(record)
+        far = _too_far_for_accuracy_control(outcome.gate) if attempt.method.endswith("accuracy-control") else None
+        if far:
+            record["skipped"] = far
+            clog.info("accuracy control skipped", reason=far)
+            continue
         t0 = time.monotonic()
         try:
             artifact, files = attempt.build(work)
@@ -279,39 +320,78 @@ def _gate_candidate(spec: CandidateSpec, selectable: bool, role: str, src: Path,
     return outcome
 
 
+# Accuracy control reverts a handful of layer groups (MAX_RESTORE_ITERATIONS) after ranking all of them, which
+# costs minutes per model on two cores. It rescues a model one or two decisions away from the gate (mammography:
+# one flip in 24 -> passed with 3 convolutions in float); it has never rescued one this far (stage 2: 6 flips in
+# 24 before and after 14 minutes of it). Beyond these, the candidate is left to the next precision.
+FAR_AGREEMENT = 0.9
+FAR_DICE = 0.95
+
+
+def _too_far_for_accuracy_control(result: gate.GateResult | None) -> str | None:
+    """Why the plain INT8 attempts are too far outside the gate for accuracy control to bring back, or None."""
+    if result is None:
+        return None
+    if result.decision_agreement is not None and result.decision_agreement < FAR_AGREEMENT:
+        return (f"plain INT8 flips {1 - result.decision_agreement:.0%} of the held-out decisions (accuracy control is "
+                f"tried below {1 - FAR_AGREEMENT:.0%})")
+    if result.dice_vs_fp32 is not None and result.dice_vs_fp32 < FAR_DICE:
+        return f"plain INT8 Dice vs FP32 {result.dice_vs_fp32:.4f} (accuracy control is tried from {FAR_DICE})"
+    return None
+
+
 def _benchmark_all(role: str, outcomes: list[CandidateOutcome], shapes: dict[str, list[int]], case: Case, opts: Options,
-                   threads: int, work: Path, src: Path) -> benchmark.BenchResult | None:
-    """The baseline first, then each passing candidate, each in its own process."""
+                   threads: int, work: Path, src: Path, batches: Sequence[int] = (1,)) -> benchmark.BenchResult | None:
+    """The baseline first, then each passing candidate, each in its own process, at every tiles-per-call in
+    `batches`; each keeps its fastest per item. The baseline keeps its fastest too: a ratio against a
+    baseline held at one tile per call while the candidate batches would credit batching to the artifact."""
     inputs = {name: case.inputs[name] for name in shapes}
     to_run = [c for c in outcomes if c.status == "passed"]
     base = next((c for c in to_run if c.spec == BASELINE), None)
     order = ([base] if base else []) + [c for c in to_run if c is not base]
-    progress = Progress(f"{role}: benchmarks", len(order) + (0 if base else 1))
+    progress = Progress(f"{role}: benchmarks", (len(order) + (0 if base else 1)) * len(batches))
+    done = 0
+
+    def bench(artifact: Path, spec: CandidateSpec, batch: int) -> benchmark.BenchResult:
+        return benchmark.run_in_subprocess(
+            artifact, spec.backend, spec.device, spec.precision, threads, inputs, runs=opts.bench_runs,
+            warmup=opts.bench_warmup, estimate_w=opts.profile.watts.get(spec.backend, 0.0), work_dir=work, batch=batch)
+
     baseline_result: benchmark.BenchResult | None = None
     if base is None:  # the baseline failed its own load: measure it anyway for the ratios
-        try:
-            baseline_result = benchmark.run_in_subprocess(
-                src, BASELINE.backend, BASELINE.device, BASELINE.precision, threads, inputs, runs=opts.bench_runs,
-                warmup=opts.bench_warmup, estimate_w=opts.profile.watts.get(BASELINE.backend, 0.0), work_dir=work)
-        except RuntimeError as exc:
-            log.warning("baseline benchmark failed", role=role, error=str(exc))
-        progress(1)
-    for i, cand in enumerate(order):
+        for batch in batches:
+            try:
+                result = bench(src, BASELINE, batch)
+                if baseline_result is None or result.latency_ms_p50 < baseline_result.latency_ms_p50:
+                    baseline_result = result
+            except RuntimeError as exc:
+                log.warning("baseline benchmark failed", role=role, batch=batch, error=str(exc))
+            done += 1
+            progress(done)
+    for cand in order:
         assert cand.artifact is not None
-        try:
-            cand.bench = benchmark.run_in_subprocess(
-                cand.artifact, cand.spec.backend, cand.spec.device, cand.spec.precision, threads, inputs,
-                runs=opts.bench_runs, warmup=opts.bench_warmup,
-                estimate_w=opts.profile.watts.get(cand.spec.backend, 0.0), work_dir=work)
-        except RuntimeError as exc:
-            cand.status, cand.detail = "bench-failed", str(exc)[:500]
-            log.warning("benchmark failed", role=role, candidate=cand.spec.name, error=str(exc))
+        for batch in batches:
+            try:
+                result = bench(cand.artifact, cand.spec, batch)
+            except RuntimeError as exc:
+                cand.batches.append({"batch": batch, "error": str(exc)[:300]})
+                log.warning("benchmark failed", role=role, candidate=cand.spec.name, batch=batch, error=str(exc))
+                done += 1
+                progress(done)
+                continue
+            cand.batches.append({"batch": batch, "latency_ms_p50": round(result.latency_ms_p50, 3),
+                                 "peak_rss_mb": round(result.peak_rss_mb, 1)})
+            if cand.bench is None or result.latency_ms_p50 < cand.bench.latency_ms_p50:
+                cand.bench = result
+            done += 1
+            progress(done)
+        if cand.bench is None:
+            cand.status, cand.detail = "bench-failed", "; ".join(b.get("error", "") for b in cand.batches)[:500]
         if cand is base and cand.bench is not None:
             baseline_result = cand.bench
         if cand.bench and cand.bench.peak_rss_mb > opts.profile.memory_ceiling_mb:
             cand.status = "over-memory"
             cand.detail = f"peak RSS {cand.bench.peak_rss_mb:.0f} MB over the profile's {opts.profile.memory_ceiling_mb} MB"
-        progress(i + 1 + (0 if base else 1))
     if baseline_result is not None:
         for cand in outcomes:
             if cand.bench is not None:
@@ -332,6 +412,35 @@ def _select(outcomes: list[CandidateOutcome], opts: Options) -> None:
         return c.bench.latency_ms_p50
 
     min(eligible, key=key).status = "selected"
+
+
+def _select_with_window(card: ModelCard, src: Path, outcomes: list[CandidateOutcome], opts: Options, threads: int,
+                        work: Path) -> window.WindowResult | None:
+    """Select as `_select` does, then search the selected candidate's window on whole held-out volumes; a
+    candidate none of whose windows passes the volume gate is refused and the next is searched."""
+    cases = window.volume_cases(card, opts.volume_cases, opts.cache_dir, opts.volume_builders.get(card.role))
+    if not cases:
+        _select(outcomes, opts)
+        return None
+    with _load(BASELINE, src, threads) as ref_session:
+        reference = window.reference_outputs(card, ref_session, cases)
+    while True:
+        _select(outcomes, opts)
+        chosen = next((c for c in outcomes if c.status == "selected"), None)
+        if chosen is None:
+            return None
+        assert chosen.artifact is not None and chosen.bench is not None
+        with _load(chosen.spec, chosen.artifact, threads) as session:
+            result = window.search(card, session, cases, reference, batch=chosen.bench.batch,
+                                   thresholds=opts.thresholds, extra=opts.windows)
+        option = result.chosen_option
+        if option is not None and option.gate is not None and option.gate.passed:
+            return result
+        chosen.status = "failed-gate"
+        chosen.detail = "whole-volume gate: " + "; ".join(option.gate.reasons if option and option.gate else
+                                                          [option.error if option and option.error else "no result"])
+        log.warning("candidate refused on whole volumes", role=card.role, candidate=chosen.spec.name,
+                    reasons=chosen.detail)
 
 
 # ------------------------------------------------------------------------------------------ all models
@@ -369,7 +478,8 @@ def optimise(card_paths: Sequence[Path], opts: Options,
                      "bench_runs": opts.bench_runs, "bench_warmup": opts.bench_warmup,
                      "ort_methods": list(opts.ort_methods), "ov_presets": list(opts.ov_presets),
                      "accuracy_control": opts.accuracy_control, "static_shapes": opts.static_shapes,
-                     "threads": opts.threads or opts.profile.threads.inference},
+                     "threads": opts.threads or opts.profile.threads.inference, "batches": list(opts.batches),
+                     "volume_cases": opts.volume_cases},
         "models": [o.to_dict() for o in outcomes],
     }
     return outcomes, report, work
@@ -396,14 +506,33 @@ def manifest_entry(model: ModelOutcome, threads: int) -> dict[str, Any]:
         "latency_ms_p50": round(bench.latency_ms_p50, 3), "latency_ms_p95": round(bench.latency_ms_p95, 3),
         "throughput_per_s": round(bench.throughput_per_s, 3),
         "baseline_latency_ms_p50": round(model.baseline.latency_ms_p50, 3) if model.baseline else None,
-        "speedup": round(chosen.speedup, 3) if chosen.speedup else None,
+        "speedup": truncated(chosen.speedup) if chosen.speedup else None,
         "peak_rss_mb": round(bench.peak_rss_mb, 1),
         "energy_j_per_inference": None if bench.energy_j_per_inference is None else round(bench.energy_j_per_inference, 4),
         "energy_estimated": bench.energy_estimated, "energy_source": bench.energy_source,
-        "gate": chosen.gate.to_dict(),
+        "gate": chosen.gate.to_dict(), "batch": bench.batch,
         "calibration": model.calibration.describe(), "heldout": model.heldout.describe(),
         "source_sha256": model.card.sha256 or sha256_file(model_path(model.card_path, model.card)),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **_window_entry(model),
+    }
+
+
+def _window_entry(model: ModelOutcome) -> dict[str, Any]:
+    """A tiled model's window for the pipeline (patch, overlap, tiles per call) and its whole-volume figures."""
+    win = model.window
+    if win is None:
+        return {}
+    option = win.chosen_option
+    return {
+        "window": win.chosen.to_dict(),
+        "window_gate": option.gate.to_dict() if option and option.gate else None,
+        "volume_ms": None if option is None or option.seconds_per_volume is None
+        else round(option.seconds_per_volume * 1000, 1),
+        "baseline_volume_ms": None if win.reference_seconds_per_volume is None
+        else round(win.reference_seconds_per_volume * 1000, 1),
+        "volume_speedup": None if model.volume_speedup is None else truncated(model.volume_speedup),
+        "volume_shape": win.volume_shape,
     }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -167,3 +168,15 @@ def toy_case(spec: ToySpec, seed: int) -> Case:
         truth = {"logits": onehot}
     label = f"band{int(np.argmax(truth['logits']))}" if spec.kind == "cls3d" else None
     return Case(seed=seed, inputs={"image": x}, truth=truth, lesion=label)
+
+
+def toy_volume(spec: ToySpec, seed: int, scale: int = 2) -> Any:
+    """A whole volume for a tiled toy model (``scale`` x its patch on each axis) and its band truth, as
+    optimize.window's held-out volumes are."""
+    from optimize.window import VolumeCase
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(p * scale for p in spec.patch)
+    vol = ndimage.gaussian_filter(rng.normal(0, 1, shape), 3.0)
+    vol = ((vol - vol.min()) / (np.ptp(vol) + 1e-6)).astype(np.float32)
+    return VolumeCase(seed, None, {"image": vol[None]}, np.rint(vol * (spec.n_classes - 1)).astype(np.uint8))

@@ -431,3 +431,87 @@ def test_coronal_series_reoriented_to_lps(tmp_path: Path) -> None:
     np.testing.assert_array_equal(reo.invert(reo.apply(vol.hu)), vol.hu)
     assert canon.spacing == pytest.approx((2.0, 1.5, 1.0)) and oblique == pytest.approx(0.0)
     assert canon.origin == pytest.approx((0.0, 0.0, 40.0 - 2.0 * 19))
+
+
+# ---------------------------------------------------------------------------------------------- the header walk
+
+
+def test_plain_series_never_build_a_pydicom_dataset_while_loading(tmp_path: Path, hu: np.ndarray,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The speed of loading rests on the walk: a plain series must load without pydicom parsing a header,
+    and the full headers come later, only for the slices asked for."""
+    from appliance.pipeline import ctload
+
+    paths = write_series(tmp_path / "s", hu)
+    calls: list[str] = []
+    real = ctload.pydicom.dcmread
+
+    def counting(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ctload.pydicom, "dcmread", counting)
+    vol = load_ct_series(paths)
+    assert calls == []
+    np.testing.assert_array_equal(vol.hu, hu)
+    monkeypatch.undo()
+    assert vol.sop_instance_uids == [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
+    monkeypatch.setattr(ctload.pydicom, "dcmread", counting)
+    assert int(vol.datasets[3].InstanceNumber) == 4 and calls == ["IM0003.dcm"]  # parsed on first use, once
+    assert vol.datasets[3] is vol.datasets[3] and "PixelData" not in vol.datasets[3]
+
+
+def _walked_equals_pydicom(path: Path) -> None:
+    from appliance.pipeline import ctload
+
+    walked = ctload._walk(path)
+    assert walked is not None, f"{path.name} went to pydicom"
+    ds = pydicom.dcmread(path)
+    for keyword in ("SOPInstanceUID", "Rows", "Columns", "BitsStored", "PixelRepresentation", "RescaleIntercept",
+                    "PixelPaddingValue"):
+        if keyword in ds:
+            assert walked.get(keyword) == ds[keyword].value, keyword
+    assert [float(v) for v in walked.ImagePositionPatient] == [float(v) for v in ds.ImagePositionPatient]
+    assert walked.pixel_offset == pydicom.dcmread(path, defer_size=1).get_item(0x7FE00010, keep_deferred=True).value_tell
+
+
+def test_the_walk_reads_what_pydicom_reads(tmp_path: Path, hu: np.ndarray) -> None:
+    """Implicit VR, a signed padding value, an undefined-length sequence (nested items, both lengths) and a
+    value of VR UN before the pixel data: the walk skips or decodes each as pydicom does."""
+    from pydicom.sequence import Sequence as Seq
+
+    def edit(ds: Dataset, k: int) -> None:
+        inner = Dataset()
+        inner.CodeValue, inner.CodingSchemeDesignator, inner.CodeMeaning = "T-D0050", "SRT", "Tissue"
+        outer = Dataset()
+        outer.AnatomicRegionSequence = Seq([inner])
+        ds.ReferencedImageSequence = Seq([outer, Dataset()])
+        ds.PixelRepresentation = 1
+        ds.PixelPaddingValue = -2000
+        ds.PixelData = np.where(hu[k] < -900, -2000, hu[k] + 1024).astype("<i2").tobytes()
+
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        paths = write_series(tmp_path / syntax[-1], hu[:3], syntax=syntax, edit=edit)
+        for p in paths:
+            raw = pydicom.dcmread(p)
+            if syntax == ExplicitVRLittleEndian:  # undefined lengths: rewrite so the sequence has no length
+                raw["ReferencedImageSequence"].is_undefined_length = True
+                for item in raw.ReferencedImageSequence:
+                    item.is_undefined_length_sequence_item = True
+                raw.save_as(p)
+                assert bytes.fromhex("08004011535100" "00ffffffff") in p.read_bytes()  # really undefined
+            _walked_equals_pydicom(p)
+
+
+def test_anything_the_walk_cannot_read_goes_to_pydicom(tmp_path: Path, hu: np.ndarray) -> None:
+    from appliance.pipeline import ctload
+
+    plain = write_series(tmp_path / "p", hu[:1])[0]
+    data = plain.read_bytes()
+    no_preamble = tmp_path / "nopreamble.dcm"
+    no_preamble.write_bytes(data[132:])
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(data[:600])
+    compressed = write_series(tmp_path / "r", hu[:1], syntax=RLELossless)[0]
+    assert ctload._walk(plain) is not None
+    assert all(ctload._walk(p) is None for p in (no_preamble, truncated, compressed))

@@ -101,3 +101,75 @@ def test_sigmoid_scores_use_the_card_threshold_and_heatmaps_correlate() -> None:
     assert result.heatmap_corr > 0.99 and not result.passed
     noisy = [{"scores": r["scores"], "heatmap": rng.normal(size=(1, 1, 4, 4))} for r in ref]
     assert gate.evaluate(card, cases, ref, noisy).reasons[0].startswith("heatmap_corr")
+
+
+def _features_card(ood: bool, tiled: bool = False) -> ModelCard:
+    """A classification card with a features output and, optionally, an OOD statistic on it (F = 4)."""
+    from optimize.toymodels import toy_card
+
+    doc = toy_card(CLS, "toy.onnx")
+    doc["outputs"].append({"name": "features", "kind": "features", "activation": "none", "size": 4})
+    if tiled:
+        doc["preprocessing"] = {**doc["preprocessing"], "patch_size": list(CLS.patch), "overlap": 0.5}
+        doc["preprocessing"].pop("crop_size")
+    if ood:
+        doc["domain"] = {"modality": ["CT"], "source": "test", "ood": {
+            "output": "features", "mean": [0.0] * 4, "components": np.eye(4).tolist(), "variances": [1.0] * 4,
+            "threshold": 3.0, "calibration": "test", "target_flag_rate": 0.01}}
+    return ModelCard.model_validate(doc)
+
+
+def _feature_outputs(features: np.ndarray) -> list[dict]:
+    """Per case: a confident, stable classification (so only the features differ) and the given vector."""
+    logits = np.zeros((1, CLS.n_classes), np.float32)
+    logits[0, 0] = 10.0
+    return [{"logits": logits, "features": f[None].astype(np.float32)} for f in features]
+
+
+def test_features_drift_is_reported_never_gated_without_an_ood_statistic() -> None:
+    card = _features_card(ood=False)
+    cases = [Case(seed=i, inputs={}) for i in range(10)]
+    rng = np.random.default_rng(0)
+    ref = rng.normal(0, 1, (10, 4))
+    result = gate.evaluate(card, cases, _feature_outputs(ref), _feature_outputs(ref * 3.0 + 5.0))
+    assert result.passed, result.reasons  # far-off features alone never fail a model without an OOD statistic
+    assert result.features_rel_error > 1.0 and result.features_cosine_min < 0.99
+    assert result.ood_flag_rate is None
+    same = gate.evaluate(card, cases, _feature_outputs(ref), _feature_outputs(ref))
+    assert same.features_rel_error == 0.0 and same.features_cosine_min == pytest.approx(1.0)
+
+
+def test_quantised_features_that_push_in_domain_cases_out_fail_the_gate() -> None:
+    card = _features_card(ood=True)
+    cases = [Case(seed=i, inputs={}) for i in range(20)]
+    ref = np.full((20, 4), 0.5)  # distance 1.0: well inside the threshold 3.0
+    shifted = ref.copy()
+    shifted[:2] = 2.0  # distance 4.0: two in-domain cases of twenty (10 %) now flagged
+    result = gate.evaluate(card, cases, _feature_outputs(ref), _feature_outputs(shifted))
+    assert not result.passed
+    assert result.ood_flag_rate == pytest.approx(0.1) and result.ood_flag_rate_fp32 == 0.0
+    assert any(r.startswith("ood_flag_rate 0.1000") for r in result.reasons), result.reasons
+    ok = gate.evaluate(card, cases, _feature_outputs(ref), _feature_outputs(ref + 0.05))
+    assert ok.passed and ok.ood_flag_rate == 0.0
+
+
+def test_a_candidate_flagging_no_more_than_fp32_passes() -> None:
+    """When FP32 itself flags some held-out cases, the candidate is held to FP32's rate, not to 1 %."""
+    card = _features_card(ood=True)
+    cases = [Case(seed=i, inputs={}) for i in range(10)]
+    ref = np.full((10, 4), 0.5)
+    ref[0] = 2.0  # FP32 flags one case (10 %)
+    same_rate = gate.evaluate(card, cases, _feature_outputs(ref), _feature_outputs(ref * 1.01))
+    assert same_rate.passed and same_rate.ood_flag_rate == same_rate.ood_flag_rate_fp32 == pytest.approx(0.1)
+    worse = ref.copy()
+    worse[1] = 2.0
+    assert not gate.evaluate(card, cases, _feature_outputs(ref), _feature_outputs(worse)).passed
+
+
+def test_a_tiled_models_flag_rate_is_left_to_the_volume_gate() -> None:
+    """One tile's features are not what the appliance scores (the mean over a study's tiles is)."""
+    card = _features_card(ood=True, tiled=True)
+    cases = [Case(seed=i, inputs={}) for i in range(4)]
+    ref = np.full((4, 4), 0.5)
+    result = gate.evaluate(card, cases, _feature_outputs(ref), _feature_outputs(ref + 3.0))
+    assert result.passed and result.ood_flag_rate is None and result.features_rel_error > 1.0

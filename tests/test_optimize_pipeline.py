@@ -15,7 +15,7 @@ from optimize.candidates import Attempt, CandidateSpec
 from optimize.cli import build_and_sign, parse_candidates
 from optimize.gate import Thresholds
 from optimize.run import Options, fixed_input_shapes
-from optimize.toymodels import ToySpec, perturb_onnx, toy_case, write_toy_model
+from optimize.toymodels import ToySpec, perturb_onnx, toy_case, toy_volume, write_toy_model
 from tests.conftest import run_cli
 
 SEG = ToySpec("pancreas.stage1", "seg3d", (16, 24, 24), 4)
@@ -24,8 +24,10 @@ FAST = "openvino/CPU/int8,openvino/CPU/fp32,onnxruntime/CPU/fp32"
 
 def _options(**overrides: object) -> Options:
     builder = {SEG.role: lambda card, seed, lesion: toy_case(SEG, seed)}
+    volumes = {SEG.role: lambda card, seed, lesion: toy_volume(SEG, seed)}
     base = {"profile": load_profile("x86-cpu"), "n_calibration": 6, "n_heldout": 8, "builders": builder,
-            "candidates": parse_candidates(FAST), "bench_runs": 10, "bench_warmup": 1}
+            "candidates": parse_candidates(FAST), "bench_runs": 10, "bench_warmup": 1, "batches": (1,),
+            "volume_cases": 0, "volume_builders": volumes}
     return Options(**{**base, **overrides})  # type: ignore[arg-type]
 
 
@@ -38,7 +40,7 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_signed_bundle_with_gates_and_same_run_ratios(toy: tuple[Path, Path], tmp_path: Path) -> None:
     card, key = toy
     out = tmp_path / "bundle"
-    report, code = build_and_sign([card], _options(), out, key)
+    report, code = build_and_sign([card], _options(batches=(1, 2), volume_cases=2), out, key)
     assert code == 0
     manifest = verify_bundle(out, [load_public_key(key.with_suffix(".pub"))])
     entry = manifest.models[SEG.role]
@@ -63,6 +65,43 @@ def test_signed_bundle_with_gates_and_same_run_ratios(toy: tuple[Path, Path], tm
     assert entry.peak_rss_mb > 10
     assert raw["input_shapes"] == {"image": [1, 1, *SEG.patch]}
     assert (out / "report.md").read_text().count("|") > 20 and (out / "report.json").is_file()
+    # a tiled model: tiles per call measured for every candidate, the baseline kept at its own best
+    assert all({b["batch"] for b in c["batches"]} == {1, 2} for c in passing)
+    assert raw["batch"] == chosen["bench"]["batch"] in (1, 2)
+    # ...and its window gated and timed on whole volumes against ORT FP32 as the card tiles
+    window = model["window"]
+    assert window["reference"] == {"patch": list(SEG.patch), "overlap": 0.5, "batch": 1}
+    assert len(window["cases"]) == 2 and window["volume_shape"] == [2 * p for p in SEG.patch]
+    passed = [o for o in window["options"] if o["gate"] and o["gate"]["passed"]]
+    chosen_option = next(o for o in window["options"] if {k: o[k] for k in ("patch", "overlap", "batch")} == raw["window"])
+    assert chosen_option in passed
+    assert chosen_option["seconds_per_volume"] == min(o["seconds_per_volume"] for o in passed)
+    assert raw["volume_speedup"] == pytest.approx(raw["baseline_volume_ms"] / raw["volume_ms"], rel=1e-2)
+    assert raw["window_gate"]["passed"] and raw["window_gate"]["heldout_cases"] == 2
+    assert "Window (whole held-out volumes" in (out / "report.md").read_text()
+
+
+def test_a_window_that_changes_the_answer_is_refused(toy: tuple[Path, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tile size is gated like a quantiser: an option whose volumes disagree with FP32 is never chosen."""
+    from optimize import window as window_mod
+
+    card, _ = toy
+    real = window_mod.run_cases
+
+    def lying(predict, card_, cases, win):  # noqa: ANN001, ANN202 - the signature of run_cases
+        outputs, seconds = real(predict, card_, cases, win)
+        if win.patch != SEG.patch:  # every larger tile: pretend it is fast and wrong
+            outputs = [{k: (v + 1) % SEG.n_classes if v.ndim == 3 else v for k, v in o.items()} for o in outputs]
+            seconds = 1e-6
+        return outputs, seconds
+
+    monkeypatch.setattr(window_mod, "run_cases", lying)
+    outcome = run_mod.optimise_model(card, _options(candidates=parse_candidates("openvino/CPU/fp32,onnxruntime/CPU/fp32"),
+                                                    volume_cases=2), tmp_path)
+    assert outcome.window is not None and outcome.window.chosen.patch == SEG.patch
+    refused = [o for o in outcome.window.options if o.window.patch != SEG.patch]
+    assert refused and all(not o.gate.passed and "dice_vs_fp32" in o.gate.reasons[0] for o in refused)
 
 
 def test_broken_candidate_is_reported_and_never_selected(toy: tuple[Path, Path], tmp_path: Path,
@@ -130,7 +169,7 @@ def test_cli_optimize_writes_a_verifiable_bundle(toy: tuple[Path, Path], tmp_pat
     out = tmp_path / "bundle"
     proc = run_cli("optimize", "--profile", str(profile), "--models", str(card.parent), "--out", str(out),
                    "--calibration", str(tmp_path / "calib"), "--calibration-cases", "4", "--heldout-cases", "3",
-                   "--no-accuracy-control", data_dir=data_dir, timeout=300)
+                   "--no-accuracy-control", "--batches", "1", "--volume-cases", "0", data_dir=data_dir, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "selected" in proc.stdout and "pancreas.stage1" in proc.stdout
     assert run_cli("bundle", "verify", str(out), data_dir=data_dir).returncode == 0
@@ -152,3 +191,15 @@ def test_select_energy_prefers_the_lowest_joules() -> None:
     fast_hot.status = slow_cool.status = "passed"
     run_mod._select([fast_hot, slow_cool], _options(select="latency"))
     assert fast_hot.status == "selected"
+
+
+def test_accuracy_control_is_tried_near_the_gate_and_skipped_far_from_it() -> None:
+    """Accuracy control costs minutes: one or two flipped decisions are worth it, a quarter of them is not."""
+    from optimize.gate import GateResult
+
+    near = GateResult(passed=False, decision_agreement=23 / 24, auc_drop=0.0234)
+    far = GateResult(passed=False, decision_agreement=18 / 24, dice_vs_fp32=0.972)
+    blurred = GateResult(passed=False, dice_vs_fp32=0.93)
+    assert run_mod._too_far_for_accuracy_control(near) is None
+    assert "flips 25%" in run_mod._too_far_for_accuracy_control(far)
+    assert "Dice vs FP32 0.9300" in run_mod._too_far_for_accuracy_control(blurred)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from appliance.runtime import BackendUnavailable, available_backends, get_backend
-from appliance.runtime.select import FALLBACK, choose_backend
+from appliance.runtime.select import FALLBACK, Choice, NoBackend, load_model
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
@@ -244,49 +244,100 @@ def test_openvino_loads_an_ir(model_path: Path, tmp_path: Path) -> None:
         get_backend("openvino").load(xml)
 
 
-# ---------------------------------------------------------------- choosing
+# ---------------------------------------------------------------- choosing at run time
 
 
-def test_manifest_wins_when_available() -> None:
-    candidates = [{"backend": "onnxruntime", "device": "CPU", "precision": "fp32"}]
-    assert choose_backend({"backend": "openvino", "device": "CPU", "precision": "int8"}, candidates) == (
-        "openvino",
-        "CPU",
-        "int8",
-    )
+def _static_ir(model_path: Path, dest: Path, shape: tuple[int, int, int]) -> Path:
+    """An OpenVINO IR with static spatial dims, as the optimiser builds them (the card's tile)."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(model_path))
+    model.reshape({"ct": [1, 1, *shape]})
+    ov.save_model(model, str(dest), compress_to_fp16=False)
+    return dest
 
 
-def test_profile_candidates_skip_the_unavailable_with_reasons(caplog: pytest.LogCaptureFixture) -> None:
-    candidates = [
-        {"backend": "tensorrt", "device": "GPU", "precision": "int8"},
-        {"backend": "openvino", "device": "NPU", "precision": "int8"},
-        {"backend": "openvino", "device": "CPU", "precision": "int8"},
-        {"backend": "onnxruntime", "device": "CPU", "precision": "fp32"},
-    ]
-    if get_backend("tensorrt").availability()[0]:
-        pytest.skip("TensorRT is usable here")
-    with caplog.at_level(logging.INFO, logger="appliance.runtime.select"):
-        chosen = choose_backend({"backend": "tensorrt", "device": "GPU", "precision": "fp16"}, candidates)
-    assert chosen == ("openvino", "CPU", "int8")
-    reasons = [getattr(r, "reason", "") for r in caplog.records]
-    assert any(r.startswith("tensorrt:") for r in reasons), reasons  # the manifest's and candidate 0's
-    assert any("no NPU device" in r for r in reasons), reasons
+def test_the_bundles_artifact_is_used_when_it_loads(model_path: Path, tmp_path: Path) -> None:
+    xml = _static_ir(model_path, tmp_path / "m.xml", (4, 6, 6))
+    loaded = load_model("role", reference=model_path, first=Choice("bundle", "openvino", "CPU", "fp32", xml),
+                        profile_candidates=[{"backend": "onnxruntime", "device": "CPU", "precision": "fp32"}])
+    assert loaded.choice.source == "bundle" and loaded.choice.artifact == xml and loaded.refusals == []
+    assert not loaded.fell_back and loaded.session.backend == "openvino"
 
 
-def test_fallback_is_onnxruntime_cpu_fp32() -> None:
-    assert choose_backend(None, [{"backend": "coral", "device": "TPU", "precision": "int8"}]) == FALLBACK
-    assert choose_backend(None, []) == ("onnxruntime", "CPU", "fp32")
+def test_a_broken_bundle_artifact_falls_back_along_the_profile(model_path: Path, tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """The bundle names a backend whose artifact fails to load (truncated IR weights, as a bad copy or a
+    full disk leaves it): the profile's next runnable candidate takes over, each refusal with its reason."""
+    xml = _static_ir(model_path, tmp_path / "m.xml", (4, 6, 6))
+    bin_ = xml.with_suffix(".bin")
+    bin_.write_bytes(bin_.read_bytes()[:10])
+    profile = [{"backend": "tensorrt", "device": "GPU", "precision": "int8"},
+               {"backend": "openvino", "device": "CPU", "precision": "int8"},
+               {"backend": "openvino", "device": "NPU", "precision": "fp16"},
+               {"backend": "openvino", "device": "CPU", "precision": "fp32"},
+               {"backend": "onnxruntime", "device": "CPU", "precision": "fp32"}]
+    with caplog.at_level(logging.WARNING, logger="appliance.runtime.select"):
+        loaded = load_model("pancreas.stage1", reference=model_path,
+                            first=Choice("bundle", "openvino", "CPU", "int8", xml), profile_candidates=profile)
+    assert loaded.choice == Choice("profile", "openvino", "CPU", "fp32", model_path)
+    assert loaded.fell_back
+    reasons = {(r.source, r.backend, r.device, r.precision): r.reason for r in loaded.refusals}
+    assert list(reasons) == [("bundle", "openvino", "CPU", "int8"), ("profile", "tensorrt", "GPU", "int8"),
+                             ("profile", "openvino", "CPU", "int8"), ("profile", "openvino", "NPU", "fp16")]
+    assert "m.xml" in loaded.refusals[0].artifact and reasons[("bundle", "openvino", "CPU", "int8")]
+    assert "engine built on this GPU" in reasons[("profile", "tensorrt", "GPU", "int8")]
+    assert "quantised IR" in reasons[("profile", "openvino", "CPU", "int8")]
+    assert "no NPU device" in reasons[("profile", "openvino", "NPU", "fp16")]
+    assert sum(1 for r in caplog.records if r.getMessage().startswith("backend refused")) == 4
+    x = _volume((4, 6, 6), 9)
+    np.testing.assert_allclose(loaded.session.run({"ct": x})["logits"], _reference(x), atol=1e-4)
 
 
-def test_profile_candidates_from_the_shipped_profiles() -> None:
-    """Every shipped hardware profile resolves to something runnable on this machine."""
+def test_the_reference_runtime_is_the_last_resort(model_path: Path, tmp_path: Path) -> None:
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"not an engine")
+    loaded = load_model("mammo", reference=model_path, first=Choice("bundle", "tensorrt", "GPU", "fp16", engine),
+                        profile_candidates=[{"backend": "tensorrt", "device": "GPU", "precision": "fp16"}])
+    assert loaded.choice == Choice("reference", *FALLBACK, model_path) and loaded.fell_back
+    assert [r.source for r in loaded.refusals] == ["bundle", "profile"]
+
+
+def test_nothing_loads_names_every_refusal(model_path: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"\x08\x01garbage")
+    with pytest.raises(NoBackend) as err:
+        load_model("pancreas.stage2", reference=broken, first=Choice("requested", "openvino", "CPU", "fp32", broken))
+    assert [r.source for r in err.value.refusals] == ["requested", "reference"]
+    assert str(err.value).startswith("pancreas.stage2: no backend could load the model; requested openvino/CPU/fp32")
+
+
+def test_a_missing_reference_model_is_an_install_error_not_a_fallback(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load_model("pancreas.stage1", reference=tmp_path / "gone.onnx")
+
+
+def test_every_shipped_profile_runs_the_reference_model_here(model_path: Path) -> None:
+    """Whatever a shipped profile lists, a box whose bundle broke keeps screening on this machine."""
     tomllib = pytest.importorskip("tomllib")
     from firmware_config import PROFILES_DIR
 
     for path in sorted(PROFILES_DIR.glob("*.toml")):
         candidates = tomllib.loads(path.read_text())["candidates"]
-        backend, device, _ = choose_backend(None, candidates)
-        assert get_backend(backend).device_availability(device)[0], path.name
+        missing = Choice("bundle", candidates[0]["backend"], candidates[0].get("device", "CPU"),
+                         candidates[0]["precision"], model_path.with_name("gone.bin"))
+        loaded = load_model("pancreas.stage1", reference=model_path, first=missing, profile_candidates=candidates)
+        assert loaded.refusals[0].source == "bundle" and loaded.refusals[0].reason, path.name
+        x = _volume((4, 4, 4), 1)
+        np.testing.assert_allclose(loaded.session.run({"ct": x})["logits"], _reference(x), atol=1e-3)
+
+
+def test_a_static_tile_ir_takes_another_tile_size(model_path: Path, tmp_path: Path) -> None:
+    """The optimiser builds IRs at the card's tile; a bundle's window may ask for a larger one."""
+    session = get_backend("openvino").load(_static_ir(model_path, tmp_path / "s.xml", (4, 6, 6)), threads=1)
+    for shape in [(4, 6, 6), (8, 12, 12), (4, 6, 6)]:
+        x = _volume(shape, 2)
+        np.testing.assert_allclose(session.run({"ct": x})["logits"], _reference(x), atol=1e-4)
 
 
 # ---------------------------------------------------------------- GPU
@@ -455,3 +506,108 @@ def test_tensorrt_runner_plumbing_with_fake_libraries(tmp_path: Path, monkeypatc
         tensorrt_backend.BACKEND.load(engine)
     with pytest.raises(BackendUnavailable, match="expects a serialized engine"):
         tensorrt_backend.BACKEND.load(_write_conv3d_model(tmp_path / "m.onnx"))
+
+
+# ---------------------------------------------------------------- a job on a box whose bundle backend broke
+
+
+def _signed_bundle_with_a_broken_backend(models_dir: Path, out: Path, key: Path) -> Path:
+    """A signed bundle for the test models whose stage 1 names TensorRT (an engine built on another day's
+    driver): signed and intact, but no box without that GPU stack can load it."""
+    from optimize.bundle import write_bundle
+    from optimize.report import markdown
+
+    engine = out.parent / "stage1.engine"
+    engine.write_bytes(b"a TensorRT engine from before the driver update")
+    chosen = {}
+    for role in ("pancreas.stage1", "pancreas.stage2", "pancreas.stage3"):
+        source = models_dir / f"{role}.onnx"
+        broken = role == "pancreas.stage1"
+        entry = {"backend": "tensorrt" if broken else "onnxruntime", "device": "GPU" if broken else "CPU",
+                 "precision": "fp16" if broken else "fp32", "gate": {"passed": True}}
+        chosen[role] = {"artifact": engine if broken else source, "files": [engine] if broken else [source],
+                        "card_path": models_dir / f"{role}.json", "card_file": source.name, "source": source,
+                        "entry": entry}
+    report = {"profile": "x86-cpu", "created_at": "-", "host": {"cpu": "-", "cores": 2}, "elapsed_s": 0.0,
+              "select": "latency", "thresholds": {"dice_vs_fp32_min": 0.98, "dice_vs_truth_drop_max": 0.01,
+                                                  "auc_drop_max": 0.005, "decision_agreement_min": 0.99,
+                                                  "heatmap_corr_min": 0.95}, "models": []}
+    write_bundle(out, profile="x86-cpu", chosen=chosen, report=report, render_md=markdown, key_path=key)
+    return out
+
+
+def test_a_job_completes_on_the_next_backend_when_the_bundles_fails(tmp_path: Path) -> None:
+    """Issue 15 item 5 through the real worker: the bundle's stage-1 backend cannot load here, the job still
+    finishes (on the profile's next backend running the reference model), its findings agree with the
+    reference run within the accuracy gate, and the refusal is an event row the system page reads."""
+    import json as _json
+
+    from appliance.bundle import ensure_signing_key
+    from appliance.config.site import Hardware, Scheduler, SiteConfig
+    from appliance.context import AppContext
+    from appliance.pipeline.analyze import AnalysisRequest, analyze_study
+    from appliance.scheduler.worker import Worker
+    from appliance.store import Store, jobs
+    from tests.test_dicom_assembly import ingest
+    from tests.test_pancreas_pipeline import write_study, write_test_models
+
+    if get_backend("tensorrt").availability()[0]:
+        pytest.skip("TensorRT loads here: this box cannot show the fallback")
+    models_dir = write_test_models(tmp_path / "models")
+    study = write_study(tmp_path / "study" / "ct")
+    reference = analyze_study(AnalysisRequest(study, tmp_path / "reference", models_dir=models_dir))
+    data_dir = tmp_path / "data"
+    bundle = _signed_bundle_with_a_broken_backend(models_dir, tmp_path / "bundle", ensure_signing_key(data_dir))
+    store = Store(data_dir)
+    ingest(store, study)
+    job_id = jobs.enqueue(store, reference["study_uid"], reference["series_uid"], "pancreas")
+    config = SiteConfig(hardware=Hardware(bundle=str(bundle)), scheduler=Scheduler(store_quiet_s=0, idle_grace_s=0))
+    ctx = AppContext(config=config, data_dir=data_dir)
+    worker = Worker(ctx, poll_s=0.05)
+    for _ in range(20):
+        worker.step()
+        if jobs.get(store, job_id)["state"] not in ("queued", "running"):
+            break
+    job = jobs.get(store, job_id)
+    assert job["state"] == "done", str({k: job[k] for k in ("state", "waiting_reason", "error")})
+    findings = _json.loads(store.query_one("SELECT findings FROM results WHERE job_id = ?", (job_id,))[0])
+    stage1 = next(m for m in findings["models"] if m["role"] == "pancreas.stage1")
+    assert stage1["backend"] != "tensorrt" and stage1["refused"][0]["source"] == "bundle"
+    assert stage1["refused"][0]["backend"] == "tensorrt" and "tensorrt" in stage1["refused"][0]["reason"]
+    assert all(not m["refused"] for m in findings["models"] if m["role"] != "pancreas.stage1")
+    assert any("pancreas.stage1: running on" in w for w in findings["warnings"])
+    # within the gate of the reference: the same triage, the same lesions, scores and volumes as FP32's
+    assert findings["triage"] == reference["triage"]
+    assert abs(findings["abnormal_probability"] - reference["abnormal_probability"]) <= 0.005
+    assert len(findings["lesions"]) == len(reference["lesions"])
+    assert findings["pancreas_volume_ml"] == pytest.approx(reference["pancreas_volume_ml"], rel=0.02)
+    events = store.query("SELECT source, state, detail FROM events WHERE kind = 'backend'")
+    assert [(e["source"], e["state"]) for e in events] == [("pancreas.stage1", "fallback")]
+    detail = _json.loads(events[0]["detail"])
+    assert detail["job"] == job_id and detail["refused"][0]["backend"] == "tensorrt"
+
+
+def test_the_mammography_session_is_loaded_once_for_many_exams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker analyses exam after exam: the model session is loaded for the first and reused after
+    (it was reloaded for every exam before), and the findings still name the model that ran."""
+    from appliance.pipeline import analyze as analyze_mod
+    from appliance.pipeline.analyze import AnalysisRequest, analyze_study
+    from appliance.runtime import select
+    from models.phantom.mg import write_mg_exam
+
+    exam = tmp_path / "exam"
+    write_mg_exam(exam, 11, "malignant")
+    loads: list[str] = []
+    real = select.load_model
+
+    def counting(role: str, **kwargs: object) -> select.LoadedModel:
+        loads.append(role)
+        return real(role, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(analyze_mod, "_MODEL_CACHE", {})
+    monkeypatch.setattr(select, "load_model", counting)
+    first = analyze_study(AnalysisRequest([exam], tmp_path / "1"))
+    second = analyze_study(AnalysisRequest([exam], tmp_path / "2"))
+    assert loads == ["mammo"]
+    assert second["models"] == first["models"] and second["models"][0]["backend"] == "onnxruntime"
+    assert second["mammo"]["exam_score"] == first["mammo"]["exam_score"]

@@ -27,14 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _summary(manifest) -> str:  # noqa: ANN001 - appliance.bundle.Manifest, imported lazily
+    from appliance.pipeline.metrics import truncated  # figures truncated, never rounded up
+
     parts = []
     for role, m in sorted(manifest.models.items()):
         extra = m.model_extra or {}
-        speed = f", {int(m.speedup * 100) / 100:.2f}x vs ORT FP32" if m.speedup else ""  # truncated, never rounded up
+        speed = f", {truncated(m.speedup, 2)}x vs ORT FP32" if m.speedup else ""
         window = extra.get("window")
         if window:
             speed += (f" per tile; window {'x'.join(map(str, window['patch']))}, {window['batch']} tile(s) per call"
-                      + (f", {int(extra['volume_speedup'] * 100) / 100:.2f}x per volume" if extra.get("volume_speedup") else ""))
+                      + (f", {truncated(extra['volume_speedup'], 2)}x per volume" if extra.get("volume_speedup") else ""))
         parts.append(f"  {role}: {m.backend}/{m.device}/{m.precision}{speed}, gate {'passed' if m.gate.passed else 'FAILED'}")
     return "\n".join(parts)
 

@@ -43,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dynamic-shapes", action="store_true",
                         help="keep dynamic input dims in OpenVINO/TensorRT artifacts (default: the card's fixed shape)")
     parser.add_argument("--threads", type=int, metavar="N", help="inference threads (default: the profile's)")
+    parser.add_argument("--batches", default="1,2,4", metavar="B[,B]",
+                        help="tiles per call to measure for a tiled model (stage 1); the fastest per tile is kept")
+    parser.add_argument("--volume-cases", type=int, default=3, metavar="N",
+                        help="held-out phantom volumes on which a tiled model's window (tile size, overlap, tiles per "
+                        "call) is gated and timed; 0 keeps the card's window without a whole-volume gate")
     parser.add_argument("--key", metavar="PATH", help="Ed25519 signing key (default: <data_dir>/keys/bundle_ed25519, "
                         "created if missing)")
     parser.add_argument("--cache", metavar="DIR", help="cache of rendered phantom cases and TensorRT timing "

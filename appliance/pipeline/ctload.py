@@ -34,21 +34,13 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import (
-    UID,
-    CTImageStorage,
-    EnhancedCTImageStorage,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    LegacyConvertedEnhancedCTImageStorage,
-)
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from appliance.logs import get_logger
 
 log = get_logger("appliance.pipeline.ctload")
 
 AIR_HU = -1024
-CT_SOP_CLASSES = frozenset({CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage})
 _RAW_SYNTAXES = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
 _PIXEL_DATA = 0x7FE00010
 _DEFER = "64 KB"  # pixel data is deferred; even a 256x256 8-bit slice is larger

@@ -78,10 +78,18 @@ class Backend(ABC):
     def device_availability(self, device: str) -> tuple[bool, str]:
         """Whether this backend can run on `device` here; plugins that know their devices override it.
 
-        Used by the backend chooser to skip a profile candidate *before* trying to load a model, so
-        that the log says "openvino GPU: no GPU device (present: CPU)" rather than a stack trace.
+        `load` checks it first, so a refusal says "openvino GPU: no GPU device (present: CPU)" rather
+        than a vendor stack trace.
         """
         return self.availability()
+
+    def runs_reference(self, device: str, precision: str) -> tuple[bool, str]:
+        """Whether this backend can run the reference FP32 ONNX model at `precision` without an artifact the
+        optimiser built (the run-time fallback's question, see appliance.runtime.select). By default only
+        at fp32; plugins whose precision is a compile option (OpenVINO, ORT's TensorRT provider) say more."""
+        if precision == "fp32":
+            return True, f"{self.name} runs ONNX at fp32"
+        return False, f"{self.name} {precision} needs an artifact built by the optimiser; only the bundle holds one"
 
     @abstractmethod
     def load(self, artifact: Path, *, device: str = "CPU", precision: str = "fp32", threads: int | None = None) -> Session:

@@ -87,6 +87,12 @@ class OnnxRuntimeBackend(Backend):
             return False, f"onnxruntime: {wanted} is not available here (present: {present})"
         return True, f"onnxruntime {key} via {wanted}"
 
+    def runs_reference(self, device: str, precision: str) -> tuple[bool, str]:
+        """fp32 anywhere; fp16 only through the TensorRT provider (a build flag of its engine)."""
+        if precision == "fp32" or (precision == "fp16" and _device_key(device) == "TensorRT"):
+            return True, f"onnxruntime runs ONNX at {precision} on {device}"
+        return False, f"onnxruntime {device} {precision} needs an artifact built by the optimiser; only the bundle holds one"
+
     def load(self, artifact: Path, *, device: str = "CPU", precision: str = "fp32", threads: int | None = None) -> Session:
         try:
             import onnxruntime as ort

@@ -110,8 +110,23 @@ class _Runner:
                     raise
                 log.info("dynamic compile refused; compiling per input shape", device=device, error=str(exc)[:200])
 
+    def _fits(self, feed: dict[str, np.ndarray]) -> bool:
+        """Whether the compiled model takes these shapes: its static dims must match, dynamic ones take any."""
+        for name, port in zip(self.input_names, self._model.inputs, strict=True):
+            partial = port.get_partial_shape()
+            shape = feed[name].shape
+            if partial.rank.is_static and len(shape) != partial.rank.get_length():
+                return False
+            for dim, size in zip(partial, shape, strict=False):
+                if dim.is_static and dim.get_length() != size:
+                    return False
+        return True
+
     def _request_for(self, feed: dict[str, np.ndarray]) -> Any:
-        if self._request is not None:
+        """The compiled model for these shapes. An IR built with the card's static tile (the optimiser's
+        default: static spatial dims compile to faster kernels) fed another tile size, as a bundle's
+        window may ask, is reshaped and compiled once for that size and kept in the LRU cache."""
+        if self._request is not None and self._fits(feed):
             return self._request
         key = tuple(tuple(feed[n].shape) for n in self.input_names)
         if key in self._static:
@@ -162,6 +177,12 @@ class OpenVinoBackend(Backend):
         if _match_device(device, present) is None:
             return False, f"openvino: no {device} device here (present: {', '.join(present) or 'none'})"
         return True, f"openvino {device}"
+
+    def runs_reference(self, device: str, precision: str) -> tuple[bool, str]:
+        """fp32/fp16/bf16 are compile hints on an ONNX model; int8 needs NNCF's quantised IR."""
+        if precision == "int8":
+            return False, "openvino int8 needs the optimiser's quantised IR; only the bundle holds one"
+        return True, f"openvino compiles ONNX at {precision}"
 
     def load(self, artifact: Path, *, device: str = "CPU", precision: str = "fp32", threads: int | None = None) -> Session:
         error = _import_error()

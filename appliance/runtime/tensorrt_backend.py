@@ -209,6 +209,9 @@ class TensorRtBackend(Backend):
             return False, f"tensorrt: no CUDA device {index} (this box has {count})"
         return True, f"tensorrt GPU.{index}"
 
+    def runs_reference(self, device: str, precision: str) -> tuple[bool, str]:
+        return False, "tensorrt runs an engine built on this GPU by the optimiser, never the ONNX model itself"
+
     def load(self, artifact: Path, *, device: str = "GPU", precision: str = "fp16", threads: int | None = None) -> Session:
         precision = check_precision(self.name, precision)  # baked into the engine; recorded, not applied
         ok, why = self.device_availability(device)
