@@ -362,16 +362,23 @@ def test_empty_masks_give_no_seg_and_an_sr_without_segment_references(ct, tmp_pa
 
 
 def test_a_lesion_without_a_mask_is_reported_against_the_images(ct, tmp_path) -> None:
-    """Stage 2 may report a lesion whose mask did not survive resampling: SR group without a segment."""
+    """Stage 2 may report a lesion whose mask did not survive resampling: SR group without a segment, citing
+    the slices within the lesion's extent (its centre +- half its longest diameter along the slice normal)."""
     _, sources, masks = ct
-    paths = write_dicom_outputs(pancreas_findings(sources), sources, {"pancreas": masks["pancreas"]}, tmp_path)
+    findings = pancreas_findings(sources)
+    z = [float(d.ImagePositionPatient[2]) for d in sources]  # axial, ascending: the slice normal is +z
+    centre, diameter = z[len(z) // 2], 2.5 * (z[1] - z[0])  # the middle slice and one either side
+    findings["lesions"][0].update(centre_lps_mm=[10.0, 20.0, centre], longest_diameter_mm=diameter)
+    paths = write_dicom_outputs(findings, sources, {"pancreas": masks["pancreas"]}, tmp_path)
     assert [p.name for p in paths] == ["seg.dcm", "sr.dcm", "report.dcm"]
     assert [s.SegmentLabel for s in pydicom.dcmread(paths[0]).SegmentSequence] == ["Pancreas"]
     sr = hd.sr.srread(paths[1])
     assert [g.tracking_identifier for g in sr.content.get_volumetric_roi_measurement_groups()] == ["pancreas"]
     (lesion,) = sr.content.get_image_measurement_groups()
     assert lesion.tracking_identifier == "lesion_1"
-    assert {i.referenced_sop_instance_uid for i in lesion.source_images} == {d.SOPInstanceUID for d in sources}
+    expected = {d.SOPInstanceUID for d, at in zip(sources, z, strict=True) if abs(at - centre) <= diameter / 2}
+    assert len(expected) == 3
+    assert {i.referenced_sop_instance_uid for i in lesion.source_images} == expected
     if DCIODVFY:
         for path in paths:
             assert _dciodvfy(path)[0] == [], path.name
@@ -436,8 +443,9 @@ def test_sr_carries_the_measurements_and_links_the_seg(ct, pancreas_outputs) -> 
 
 
 def test_sr_references_its_evidence(ct, pancreas_outputs) -> None:
+    """The evidence is the SEG and exactly the slices the findings lie on (not every slice of the series)."""
     _, sources, _ = ct
-    paths, _, _ = pancreas_outputs
+    paths, masks, _ = pancreas_outputs
     sr = pydicom.dcmread(paths[1])
     referenced = {
         item.ReferencedSOPInstanceUID
@@ -446,8 +454,8 @@ def test_sr_references_its_evidence(ct, pancreas_outputs) -> None:
         for item in series.ReferencedSOPSequence
     }
     seg_uid = pydicom.dcmread(paths[0], stop_before_pixels=True).SOPInstanceUID
-    assert seg_uid in referenced
-    assert {str(d.SOPInstanceUID) for d in sources} <= referenced
+    on_findings = np.flatnonzero(np.logical_or.reduce([m.any(axis=(1, 2)) for m in masks.values()]))
+    assert referenced == {seg_uid, *(str(sources[i].SOPInstanceUID) for i in on_findings)}
 
 
 # ------------------------------------------------------------------------------------ PDF

@@ -118,14 +118,16 @@ def _software_versions(findings: dict[str, Any]) -> str:
 
 
 def output_context(findings: dict[str, Any], sources: Sequence[Dataset], device_serial: str | None = None) -> OutputContext:
+    """The shared context, the study taken from the first source header (the only one read here).
+
+    Every other header is read only when an output cites it, and `SourceHeaders` checks each one then:
+    a 300-slice series is 300 header parses, more than the rest of the outputs' work on a small box.
+    """
     if not sources:
         raise DicomOutputError("no source datasets: outputs must reference the images they were derived from")
-    study_uids = {str(ds.get("StudyInstanceUID", "") or "") for ds in sources}
-    if "" in study_uids:
+    study_uid = str(sources[0].get("StudyInstanceUID", "") or "")
+    if not study_uid:
         raise DicomOutputError("a source image has no StudyInstanceUID: outputs cannot be filed into its study")
-    if len(study_uids) != 1:
-        raise DicomOutputError(f"source datasets span {len(study_uids)} studies: {sorted(study_uids)}")
-    study_uid = study_uids.pop()
     claimed = findings.get("study_uid")
     if claimed and str(claimed) != study_uid:
         # A mismatch would file one patient's results into another patient's study: refuse.
@@ -140,29 +142,58 @@ def output_context(findings: dict[str, Any], sources: Sequence[Dataset], device_
                          _software_versions(findings))
 
 
-def complete_sources(sources: Sequence[Dataset]) -> list[Dataset]:
-    """Shallow copies of the source headers with every absent type 2 patient/study attribute present and empty.
+def _complete(ds: Dataset) -> Dataset:
+    """A shallow copy of the header with every absent type 2 patient/study attribute present and empty.
 
     highdicom copies the patient and study modules from the first source image and fails on an attribute
     that is not there at all; PS3.3 says a type 2 attribute the source does not know is written empty.
-    The caller's datasets are not changed (they are the store's headers).
+    The caller's dataset is not changed (it is the store's header).
     """
-    completed = []
-    for ds in sources:
-        missing = [k for k in TYPE2_PATIENT_STUDY if k not in ds]
-        # values already decoded to str but no character set to write them in: declare UTF-8
-        charset = "SpecificCharacterSet" not in ds and not all(str(ds.get(k, "")).isascii() for k in PATIENT_STUDY_KEYWORDS)
-        if not missing and not charset:
-            completed.append(ds)
-            continue
-        clone = Dataset()  # a new Dataset over the same elements: cheap, and the source stays as it was
-        clone.update(ds)
-        if hasattr(ds, "file_meta"):
-            clone.file_meta = ds.file_meta
-        clone.filename = getattr(ds, "filename", None)
-        for keyword in missing:
-            setattr(clone, keyword, "")
-        if charset:
-            clone.SpecificCharacterSet = "ISO_IR 192"
-        completed.append(clone)
-    return completed
+    missing = [k for k in TYPE2_PATIENT_STUDY if k not in ds]
+    # values already decoded to str but no character set to write them in: declare UTF-8
+    charset = "SpecificCharacterSet" not in ds and not all(str(ds.get(k, "")).isascii() for k in PATIENT_STUDY_KEYWORDS)
+    if not missing and not charset:
+        return ds
+    clone = Dataset()  # a new Dataset over the same elements: cheap, and the source stays as it was
+    clone.update(ds)
+    if hasattr(ds, "file_meta"):
+        clone.file_meta = ds.file_meta
+    clone.filename = getattr(ds, "filename", None)
+    for keyword in missing:
+        setattr(clone, keyword, "")
+    if charset:
+        clone.SpecificCharacterSet = "ISO_IR 192"
+    return clone
+
+
+class SourceHeaders(Sequence[Dataset]):
+    """The source headers as the outputs use them: each completed (see `_complete`) and checked to be of
+    the study on first use, and only then.
+
+    The outputs cite the images a finding lies on, not the whole series, so most headers of a CT series
+    are never needed; with the loader's lazily parsed headers (ctload.LazyDatasets) they are then never
+    parsed either. Index with an int; iterating touches every header, which the outputs avoid.
+    """
+
+    def __init__(self, sources: Sequence[Dataset], study_uid: str) -> None:
+        self._sources = sources
+        self._study_uid = study_uid
+        self._done: dict[int, Dataset] = {}
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = range(len(self))[index]
+        if index not in self._done:
+            ds = self._sources[index]
+            study = str(ds.get("StudyInstanceUID", "") or "")
+            if study != self._study_uid:
+                # a result must never cite an image of another study (another patient, perhaps)
+                raise DicomOutputError(f"source image {index} ({ds.get('SOPInstanceUID', 'no SOP Instance UID')}) is "
+                                       f"from study {study or '(none)'}, not {self._study_uid}: the source datasets "
+                                       "must all be of one study")
+            self._done[index] = _complete(ds)
+        return self._done[index]

@@ -31,7 +31,11 @@ def _reference(ds: Dataset) -> Dataset:
 
 def build_encapsulated_pdf(ctx: OutputContext, findings: dict[str, Any], sources: Sequence[Dataset],
                            derived_from: Sequence[Dataset]) -> Dataset:
-    """Encapsulated PDF Storage with the summary; patient and study copied from the source."""
+    """Encapsulated PDF Storage with the summary; patient and study copied from the source.
+
+    `derived_from`: the SR, the SEG and the source images they cite, named in the Source Instance
+    Sequence (not every image of the series: the SR says which images each finding lies on).
+    """
     source = sources[0]  # completed by the caller: type 2 attributes present, a character set that fits
     title, blocks = report_blocks(findings, source)
     pdf = render_pdf(title, blocks, created=ctx.created)
@@ -76,7 +80,7 @@ def build_encapsulated_pdf(ctx: OutputContext, findings: dict[str, Any], sources
     concept.CodingSchemeDesignator = DIAGNOSTIC_IMAGING_REPORT.scheme_designator
     concept.CodeMeaning = DIAGNOSTIC_IMAGING_REPORT.meaning
     ds.ConceptNameCodeSequence = [concept]
-    ds.SourceInstanceSequence = [_reference(d) for d in [*derived_from, *sources]]
+    ds.SourceInstanceSequence = [_reference(d) for d in derived_from]
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
     ds.EncapsulatedDocument = pdf if len(pdf) % 2 == 0 else pdf + b"\0"  # OB values have even length
     ds.EncapsulatedDocumentLength = len(pdf)

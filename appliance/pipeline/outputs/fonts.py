@@ -33,7 +33,6 @@ class FontSpec:
 
 MAIN = FontSpec("DejaVu", ("DejaVuSans.ttf",), "fonts-dejavu-core", "Latin, Greek and Cyrillic text")
 MAIN_BOLD = FontSpec("DejaVu", ("DejaVuSans-Bold.ttf",), "fonts-dejavu-core", "bold headings")
-MONO = FontSpec("DejaVuMono", ("DejaVuSansMono.ttf",), "fonts-dejavu-core", "identifiers")
 FALLBACKS = (
     FontSpec("WenQuanYi", ("wqy-microhei.ttc", "wqy-zenhei.ttc", "NotoSansCJK-Regular.ttc"), "fonts-wqy-microhei",
              "Chinese, Japanese and Korean names",

@@ -7,6 +7,12 @@ needs. ReportLab would do too but brings C extensions and far more than we use.
 
 Every page carries the title and the research-use banner at the top and "RESEARCH USE ONLY - page n of
 N" at the bottom.
+
+Only the faces a report uses are registered: fpdf2 parses a TrueType file on each add_font (tens of ms
+for a DejaVu face, most of a second for a CJK collection), and a parsed font cannot be shared between
+documents (fpdf2 subsets it in place when writing). So: DejaVu regular and bold always; a fallback font
+only when the text has characters of its script, and then once, in its regular face (the fallbacks
+have no bold face; with exact_match=False fpdf2 uses the regular one for bold text too).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ def render_pdf(title: str, blocks: list[Block], banner: str = RESEARCH_USE_BANNE
     from fpdf import FPDF
     from fpdf.enums import XPos, YPos
 
-    main, bold, mono = fonts.require(fonts.MAIN), fonts.require(fonts.MAIN_BOLD), fonts.find(fonts.MONO)
+    main, bold = fonts.require(fonts.MAIN), fonts.require(fonts.MAIN_BOLD)
     fallbacks = fonts.needed_fallbacks(_all_text(title, blocks, banner))
 
     class _Report(FPDF):
@@ -70,13 +76,10 @@ def render_pdf(title: str, blocks: list[Block], banner: str = RESEARCH_USE_BANNE
         pdf.set_creation_date(created if created.tzinfo else created.replace(tzinfo=dt.UTC))
     pdf.add_font("DejaVu", "", str(main))
     pdf.add_font("DejaVu", "B", str(bold))
-    if mono is not None:
-        pdf.add_font("DejaVuMono", "", str(mono))
     for spec in fallbacks:
         path = fonts.require(spec)
         kwargs: dict[str, Any] = {"collection_font_number": spec.collection_index} if path.suffix == ".ttc" else {}
-        pdf.add_font(spec.family, "", str(path), **kwargs)
-        pdf.add_font(spec.family, "B", str(path), **kwargs)  # no bold face: the regular one stands in
+        pdf.add_font(spec.family, "", str(path), **kwargs)  # stands in for bold too (exact_match=False)
     if fallbacks:
         pdf.set_fallback_fonts([s.family for s in fallbacks], exact_match=False)
     pdf.add_page()

@@ -42,30 +42,30 @@ def _segment_order(key: str) -> tuple[int, int]:
     return (0, 0) if key == "pancreas" else (1, int(key[7:]))
 
 
-def mask_stack(masks: dict[str, np.ndarray], shape: tuple[int, int, int]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(keys, occupied slice indices, (slices, y, x, n) bool) for the non-empty masks.
+def mask_stack(masks: dict[str, np.ndarray], shape: tuple[int, int, int]
+               ) -> tuple[list[str], np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(keys, occupied slice indices, (slices, y, x, n) bool, each key's slice indices) for the non-empty masks.
 
     Segment order is pancreas first, then lesions by number. Only slices where some mask is set are
     stacked: a 300-slice 512x512 CT with four segments would otherwise need ~300 MB of booleans,
-    too much beside the models on a 4 GB Jetson; omit_empty_frames drops those frames anyway.
+    too much beside the models on a 4 GB Jetson; omit_empty_frames drops those frames anyway. Each
+    mask is scanned once, for the slices it lies on; emptiness and the union follow from those.
     """
-    keys: list[str] = []
+    per_key: dict[str, np.ndarray] = {}
     for key, mask in masks.items():
         if key != "pancreas" and not (key.startswith("lesion_") and key[7:].isdigit()):
             raise DicomOutputError(f"mask key {key!r} is not 'pancreas' or 'lesion_<n>'")
         if mask.shape != shape:
             raise DicomOutputError(f"mask {key!r} has shape {mask.shape}; the source grid is {shape} (z, y, x)")
-        if np.any(mask):
-            keys.append(key)
+        slices = np.flatnonzero(mask.reshape(shape[0], -1).any(axis=1))
+        if slices.size:
+            per_key[key] = slices
         else:
             log.info("empty mask left out of the SEG", segment=key)
-    keys.sort(key=_segment_order)
-    occupied = np.zeros(shape[0], dtype=bool)
-    for key in keys:
-        occupied |= masks[key].any(axis=(1, 2))
-    z = np.flatnonzero(occupied)
+    keys = sorted(per_key, key=_segment_order)
+    z = np.unique(np.concatenate([per_key[k] for k in keys])) if keys else np.zeros(0, dtype=np.intp)
     stack = np.stack([masks[k][z] != 0 for k in keys], axis=-1) if keys else np.zeros((0, *shape[1:], 0), bool)
-    return keys, z, stack
+    return keys, z, stack, [per_key[k] for k in keys]
 
 
 def algorithm(ctx: OutputContext, role: str) -> hd.AlgorithmIdentificationSequence:
@@ -97,13 +97,12 @@ def build_segmentation(ctx: OutputContext, findings: dict[str, Any], sources: Se
                        masks: dict[str, np.ndarray]) -> tuple[hd.seg.Segmentation | None, list[Segment]]:
     """A BINARY SEG with one segment per non-empty mask, or None when every mask is empty."""
     shape = (len(sources), int(sources[0].Rows), int(sources[0].Columns))
-    keys, z, stack = mask_stack(masks, shape)
+    keys, z, stack, slices = mask_stack(masks, shape)
     if not keys:
         return None, []
     lesions = {str(les.get("id")): les for les in findings.get("lesions") or []}
     segments = [
-        Segment(key, i + 1, ctx.uid("segment", key), int(stack[..., i].sum()),
-                tuple(int(z[j]) for j in np.flatnonzero(stack[..., i].any(axis=(1, 2)))))
+        Segment(key, i + 1, ctx.uid("segment", key), int(np.count_nonzero(masks[key])), tuple(int(j) for j in slices[i]))
         for i, key in enumerate(keys)
     ]
     descriptions = [_segment_description(ctx, s.key, s.number, s.tracking_uid, lesions.get(s.key)) for s in segments]

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
-from appliance.pipeline.outputs.context import complete_sources, log, normalise_findings, output_context
+from appliance.pipeline.outputs.context import SourceHeaders, log, normalise_findings, output_context
 from appliance.pipeline.outputs.encapsulated import build_encapsulated_pdf
 from appliance.pipeline.outputs.seg import build_segmentation
 from appliance.pipeline.outputs.sr import build_sr
@@ -31,23 +31,25 @@ def write_dicom_outputs(findings: dict[str, Any], source_datasets: list[Dataset]
                         out_dir: Path, *, device_serial: str | None = None) -> list[Path]:
     """Write SEG (pancreas only, when a mask is non-empty), SR and PDF; return their paths in that order.
 
-    `source_datasets` are the analysed series' images in mask z order (CT) or the exam's images
-    (MG); headers suffice, and type 2 patient/study attributes they lack are written empty. `masks`
+    `source_datasets` are the analysed series' images in mask z order, ascending along the slice normal
+    (CT), or the exam's images (MG); headers suffice, and type 2 patient/study attributes they lack are
+    written empty. Only the headers the outputs cite are read (the first one, the slices a segment or
+    a lesion lies on), so a lazily parsed sequence (ctload.LazyDatasets) stays mostly unparsed. `masks`
     are uint8 (z, y, x) on the source grid keyed "pancreas", "lesion_1", ...; ignored for mammography.
     `device_serial` names this box in the equipment attributes (default: the host name). Raises
     DicomOutputError when the inputs do not fit; nothing is written then.
     """
     findings = normalise_findings(findings)
     ctx = output_context(findings, source_datasets, device_serial)
-    sources = complete_sources(source_datasets)
+    sources = SourceHeaders(source_datasets, ctx.study_uid)
     bound = log.bind(study=ctx.study_uid, pipeline=ctx.pipeline)
     seg, segments = None, []
     if ctx.pipeline == "pancreas":
         seg, segments = build_segmentation(ctx, findings, sources, masks)
     elif masks:
         bound.info("mammography masks are not written as SEG; the heatmaps are in the findings")
-    sr = build_sr(ctx, findings, sources, seg, segments)
-    pdf = build_encapsulated_pdf(ctx, findings, sources, [sr, *([seg] if seg is not None else [])])
+    sr, cited = build_sr(ctx, findings, sources, seg, segments)
+    pdf = build_encapsulated_pdf(ctx, findings, sources, [sr, *([seg] if seg is not None else []), *cited])
     outputs = [("seg.dcm", seg), ("sr.dcm", sr), ("report.dcm", pdf)]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
