@@ -61,24 +61,34 @@ def first_run_password(data_dir: Path) -> str:
 
 
 @contextlib.contextmanager
-def chromium(viewport: dict | None = None, locale: str = "en-GB") -> Iterator[object]:
-    """A browser context (its own cookies) in a real Chromium; yields a page."""
+def launch() -> Iterator[object]:
+    """One real Chromium for a whole module: each test opens its own context (cookies, viewport, language)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
-            context = browser.new_context(viewport=viewport or LANDSCAPE, locale=locale)
-            page = context.new_page()
-            page.set_default_timeout(30_000)
-            yield page
+            yield browser
         finally:
             browser.close()
 
 
 @contextlib.contextmanager
-def chromium_page() -> Iterator[object]:
-    with chromium() as page:
+def page_in(browser, viewport: dict | None = None, locale: str = "en-GB") -> Iterator[object]:
+    """A fresh browser context (its own cookies: a new person at a new screen) in `browser`; yields a page."""
+    context = browser.new_context(viewport=viewport or LANDSCAPE, locale=locale)
+    try:
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        yield page
+    finally:
+        context.close()
+
+
+@contextlib.contextmanager
+def chromium(viewport: dict | None = None, locale: str = "en-GB") -> Iterator[object]:
+    """A browser of its own with one page (for a script or a single test)."""
+    with launch() as browser, page_in(browser, viewport, locale) as page:
         yield page
 
 

@@ -44,7 +44,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     log = open(log_path, "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([*EDGESCREEN, "--data-dir", str(tmp_path / "data"), "demo", "--port", str(web),
                              "--dicom-port", str(dicom), "--cloud-port", str(free_port()), "--slices", "64",
-                             "--exam-s", "20"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                             "--exam-s", "6"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                             env={"PATH": "/usr/bin:/bin", "EDGESCREEN_CONFIG": ""})
     base = f"http://127.0.0.1:{web}"
     try:
@@ -53,7 +53,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         while password is None and time.monotonic() < deadline and proc.poll() is None:
             match = re.search(r"one-time password (\S+)", log_path.read_text())
             password = match.group(1) if match else None
-            time.sleep(1)
+            time.sleep(0.2)
         assert password, log_path.read_text()
         output = log_path.read_text()
         assert f"open {base}/" in output and "RESEARCH USE ONLY" in output
@@ -71,7 +71,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
             system = browser.json("/api/v1/system")
             reason = system["gate"].get("decision", {}).get("reason", "")
             saw_busy = "MPPS" in reason and "DEMO_CT" in reason
-            time.sleep(1)
+            time.sleep(0.5)
         assert saw_busy, system
         _, html = browser.get("/system")
         assert "MPPS exam in progress on DEMO_CT" in html
@@ -84,7 +84,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
             if studies:
                 done = studies[0]
                 break
-            time.sleep(3)
+            time.sleep(1)
         assert done is not None, log_path.read_text()[-4000:]
         names = {s["patient_name"] for s in browser.json("/api/v1/studies")["studies"]}
         assert {"PHANTOM, CT S0101", "PHANTOM, MG S0201"} <= names

@@ -10,7 +10,8 @@ import pytest
 from appliance.dicom.assembly import complete_stable_series
 from appliance.dicom.header import parse_file
 from appliance.store import Store
-from appliance.store.instances import IncomingInstance, job_files, list_studies, store_instance
+from appliance.store.instances import IncomingInstance, job_files, store_instance
+from appliance.store.worklist import list_studies
 from tests.test_dicom_support import write_ct_series, write_mg_series
 
 

@@ -15,8 +15,9 @@ import pytest
 
 from appliance.store import InvalidTransition, Store, StoreError, atomic_write, jobs
 from appliance.store.files import TMP_SUFFIX
-from appliance.store.instances import IncomingInstance, list_studies, store_instance
+from appliance.store.instances import IncomingInstance, store_instance
 from appliance.store.migrations import MIGRATIONS
+from appliance.store.worklist import list_studies
 from tests.conftest import REPO
 
 

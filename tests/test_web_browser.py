@@ -4,18 +4,23 @@ Covers what a radiographer, a clinician and an administrator do: log in (a wrong
 the worklist and its filters, a study with the slices scrolled and the overlays toggled, mark reviewed,
 mark a job urgent, pause the scheduler, upload a zip, switch to French and to Chinese, at 1280x800 and
 800x1280. Screenshots are kept (tests/browser.artifacts_dir prints where) for a person to look at.
+
+One server on one copy of the analysed store and one Chromium serve the whole module (starting either costs
+seconds on a busy box); each test is a new person at a new screen: its own browser context, cookies and
+language. The tests do not rely on each other's changes.
 """
 
 from __future__ import annotations
 
+import shutil
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from appliance.store import Store
-from tests.browser import LANDSCAPE, PORTRAIT, chromium, login, screenshot, web_server
-from tests.web_fixtures import PASSWORD, analysed, analysed_template, study_uids  # noqa: F401 - fixtures
+from tests.browser import LANDSCAPE, PORTRAIT, launch, login, page_in, screenshot, web_server
+from tests.web_fixtures import PASSWORD, analysed_template, study_uids  # noqa: F401 - fixtures
 
 OVERLAY_PIXELS = """(img) => {
   const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
@@ -24,6 +29,21 @@ OVERLAY_PIXELS = """(img) => {
   for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++;
   return n;
 }"""
+
+
+@pytest.fixture(scope="module")
+def site(analysed_template: Path, tmp_path_factory) -> tuple[str, Path]:  # noqa: F811 - pytest fixture
+    data = tmp_path_factory.mktemp("browser") / "data"
+    shutil.copytree(analysed_template, data, ignore=shutil.ignore_patterns("serve.log", "web"))
+    uids = study_uids(data)  # the two analysed studies, before any test uploads another
+    with web_server(data) as url:
+        yield url, data, uids
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with launch() as b:
+        yield b
 
 
 def _wait_slice(page, index: int | None = None) -> int:
@@ -54,10 +74,10 @@ def _upload_zip(tmp_path: Path) -> Path:
     return archive
 
 
-def test_clinic_day(analysed: Path, tmp_path: Path) -> None:  # noqa: F811 - pytest fixture
-    uids = study_uids(analysed)
+def test_clinic_day(site, browser, tmp_path: Path) -> None:
+    url, data, uids = site
     archive = _upload_zip(tmp_path)
-    with web_server(analysed) as url, chromium(LANDSCAPE) as page:
+    with page_in(browser, LANDSCAPE) as page:
         # a wrong password is refused, and says so
         login(page, url, "ada", "not the password")
         assert "Wrong user name or password" in page.locator("#login-error").inner_text()
@@ -111,6 +131,13 @@ def test_clinic_day(analysed: Path, tmp_path: Path) -> None:  # noqa: F811 - pyt
         page.check("input.layer[value='lesions']")
         page.wait_for_function("() => !document.querySelector('img.ov-lesions').hidden")
         screenshot(page, "04-study-ct-pancreas-window-1280x800")
+        # each lesion in the findings table takes the viewer to its own slice, where it is drawn
+        show = page.locator("table.findings button.jump-slice").first
+        target = int(show.get_attribute("data-to"))
+        show.click()
+        _wait_slice(page, target)
+        page.wait_for_function(f"() => document.querySelector('img.ov-lesions').dataset.shown === '{target}'")
+        assert page.locator("img.ov-lesions").evaluate(OVERLAY_PIXELS) > 0
 
         # downloads are the result's own files
         with page.expect_download() as dl:
@@ -148,19 +175,19 @@ def test_clinic_day(analysed: Path, tmp_path: Path) -> None:  # noqa: F811 - pyt
         assert page.locator("#gate-state").inner_text() != "Paused"
 
         # French, then Chinese
-        page.select_option("#lang-select", "fr")
-        page.wait_for_load_state("load")
+        with page.expect_navigation():  # the choice submits itself (app.js)
+            page.select_option("#lang-select", "fr")
         assert page.locator("h1").first.inner_text() == "Système"
         page.goto(url + "/worklist")
         assert "Liste de travail" in page.locator("header nav").inner_text()
         screenshot(page, "07-worklist-fr-1280x800")
-        page.select_option("#lang-select", "zh")
-        page.wait_for_load_state("load")
+        with page.expect_navigation():  # the choice submits itself (app.js)
+            page.select_option("#lang-select", "zh")
         assert "工作列表" in page.locator("header nav").inner_text()
         assert page.locator("html").get_attribute("lang") == "zh-Hans"
         screenshot(page, "08-worklist-zh-1280x800")
 
-    store = Store(analysed)
+    store = Store(data)
     actions = [r["action"] for r in store.query("SELECT action FROM audit WHERE actor = 'ada' ORDER BY id")]
     for expected in ("login.success", "study.view", "study.export", "study.review", "study.upload", "job.urgent",
                      "scheduler.pause", "scheduler.resume"):
@@ -169,9 +196,9 @@ def test_clinic_day(analysed: Path, tmp_path: Path) -> None:  # noqa: F811 - pyt
     assert uids  # both analysed studies were listed above
 
 
-def test_tablet_portrait_and_mammography(analysed: Path) -> None:  # noqa: F811 - pytest fixture
-    uids = study_uids(analysed)
-    with web_server(analysed) as url, chromium(PORTRAIT, locale="zh-CN") as page:
+def test_tablet_portrait_and_mammography(site, browser) -> None:
+    url, data, uids = site
+    with page_in(browser, PORTRAIT, locale="zh-CN") as page:
         page.goto(url + "/login")
         assert page.locator("html").get_attribute("lang") == "zh-Hans"  # Accept-Language is the default
         assert page.locator("h1").inner_text() == "登录"
@@ -181,16 +208,29 @@ def test_tablet_portrait_and_mammography(analysed: Path) -> None:  # noqa: F811 
         page.goto(url + f"/studies/{uids['CT']}")
         _wait_slice(page)
         screenshot(page, "11-study-ct-800x1280")
-        mg_state = Store(analysed).query_one("SELECT state, error FROM jobs WHERE pipeline = 'mammo'")
+        mg_state = Store(data).query_one("SELECT state, error FROM jobs WHERE pipeline = 'mammo'")
         assert mg_state["state"] == "done", tuple(mg_state)
+        # mammography: the four plain views, each with its own heatmap laid exactly over it, toggled
         page.goto(url + f"/studies/{uids['MG']}")
-        images = page.locator("img.mg")
-        assert images.count() == 4
-        page.wait_for_function("() => [...document.querySelectorAll('img.mg')].every(i => i.naturalWidth > 0)")
-        with_heatmap = images.first.get_attribute("src")
+        views, heat = page.locator("img.mg"), page.locator("img.mg-heat")
+        assert views.count() == 4 and heat.count() == 4
+        page.wait_for_function("() => [...document.querySelectorAll('img.mg, img.mg-heat')]"
+                               ".every(i => i.complete && i.naturalWidth > 0)")
+        for k in range(4):
+            view, overlay = views.nth(k), heat.nth(k)
+            assert "/slices/" in view.get_attribute("src")
+            ratio = view.evaluate("i => i.naturalWidth / i.naturalHeight")
+            assert abs(overlay.evaluate("i => i.naturalWidth / i.naturalHeight") - ratio) < 0.01 * ratio
+            assert view.bounding_box() == overlay.bounding_box()  # the same place and size on the screen
+        coloured = sum(heat.nth(k).evaluate(OVERLAY_PIXELS) for k in range(4))
+        assert coloured > 100  # the malignant phantom's views have somewhere the model found suspicious
         screenshot(page, "12-study-mg-heatmap-800x1280")
         page.uncheck(".toggle-heatmap")
-        assert images.first.get_attribute("src") != with_heatmap and "/slices/" in images.first.get_attribute("src")
+        page.wait_for_function("() => [...document.querySelectorAll('img.mg-heat')].every(i => !i.offsetParent)")
+        assert all(views.nth(k).is_visible() for k in range(4))
+        screenshot(page, "12b-study-mg-plain-800x1280")
+        page.check(".toggle-heatmap")
+        page.wait_for_function("() => [...document.querySelectorAll('img.mg-heat')].every(i => i.offsetParent)")
         # a clinician may not pause the scheduler: no button, and the server refuses it anyway
         page.goto(url + "/system")
         assert page.locator("#pause").count() == 0
@@ -198,9 +238,10 @@ def test_tablet_portrait_and_mammography(analysed: Path) -> None:  # noqa: F811 
 
 
 @pytest.mark.parametrize("viewport", [LANDSCAPE, PORTRAIT], ids=["1280x800", "800x1280"])
-def test_keyboard_only(analysed: Path, viewport: dict) -> None:  # noqa: F811 - pytest fixture
+def test_keyboard_only(site, browser, viewport: dict) -> None:
     """Tab to the study link, open it, scroll slices with the keyboard: no mouse needed."""
-    with web_server(analysed) as url, chromium(viewport) as page:
+    url, _, _ = site
+    with page_in(browser, viewport) as page:
         login(page, url, "tess", PASSWORD)
         for _ in range(40):
             page.keyboard.press("Tab")

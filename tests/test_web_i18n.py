@@ -12,26 +12,35 @@ import re
 from pathlib import Path
 
 import pytest
-from babel.messages.extract import extract_from_dir
+from babel.messages.extract import extract_from_dir, extract_from_file
 from babel.messages.pofile import read_po
 
-from appliance import accounts
+from appliance import RESEARCH_USE_BANNER, accounts
 from appliance.config.site import SiteConfig
 from appliance.context import AppContext
 from appliance.store import Store
 from appliance.web import LANGUAGES, TRANSLATIONS, create_app
+from appliance.web.catalogue import extract_constants
 
 WEB = Path(__file__).resolve().parent.parent / "appliance" / "web"
 KEYWORDS = {"_": None, "gettext": None, "ngettext": (1, 2), "lazy_gettext": None}
 
 
 def _source_ids() -> set:
+    """What `pybabel extract -F appliance/web/babel.cfg` finds: the UI's strings and the translated constants."""
     method_map = [("**.py", "python"), ("templates/**.html", "jinja2")]
     ids = set()
     for _filename, _lineno, message, _comments, _context in extract_from_dir(str(WEB), method_map,
                                                                             keywords=KEYWORDS):
         ids.add(message if isinstance(message, str) else tuple(message))
+    for _lineno, message, _comments, _context in extract_from_file(extract_constants, str(WEB.parent / "__init__.py")):
+        ids.add(message)
     return ids
+
+
+def test_the_research_banner_is_extracted_from_its_one_constant() -> None:
+    assert RESEARCH_USE_BANNER in _source_ids()  # so an edit of the constant shows up as an untranslated string
+    assert "[constants: appliance/__init__.py]" in (WEB / "babel.cfg").read_text()
 
 
 @pytest.mark.parametrize("lang", ["fr", "zh"])
@@ -85,6 +94,27 @@ def test_accept_language_is_the_default_and_the_users_choice_wins(client) -> Non
     client.post("/account/language", data={"lang": "zh", "csrf_token": token, "next": "/worklist"})
     page = client.get("/system", headers={"Accept-Language": "fr"}).get_data(as_text=True)
     assert "系统" in page and "扫描仪" in page  # the stored choice beats the browser's language
+
+
+def test_every_page_carries_the_banner_in_its_language_and_in_english(client) -> None:
+    """The English constant is the source and always shown; French and Chinese staff read it in their language
+    too. The translations keep every part of it: research only, not clinical, phantoms and mini-MIAS, and that
+    results must not guide diagnosis or treatment."""
+    must_say = {"fr": ("RECHERCHE", "CLINIQUE", "fantômes synthétiques", "mini-MIAS", "diagnostic", "traitement"),
+                "zh": ("仅供研究", "临床", "合成体模", "mini-MIAS", "诊断", "治疗")}
+    _login(client)
+    for lang, words in must_say.items():
+        html = client.get("/worklist").get_data(as_text=True)
+        token = re.search(r'name="csrf-token" content="([^"]+)"', html).group(1)
+        client.post("/account/language", data={"lang": lang, "csrf_token": token, "next": "/worklist"})
+        for path in ("/worklist", "/system", "/account", "/audit", "/quarantine"):
+            html = client.get(path).get_data(as_text=True)
+            banner = re.search(r'<div class="banner"[^>]*id="research-banner">(.*?)</div>', html, re.S).group(1)
+            assert RESEARCH_USE_BANNER in banner, (lang, path)
+            local = re.search(r'<span class="banner-local">(.*?)</span>', banner, re.S).group(1)
+            assert all(word in local for word in words), (lang, path, local)
+    english = client.application.test_client().get("/login", headers={"Accept-Language": "en"}).get_data(as_text=True)
+    assert RESEARCH_USE_BANNER in english and 'class="banner-local"' not in english
 
 
 def test_dates_and_numbers_follow_the_locale(data_dir: Path, client) -> None:

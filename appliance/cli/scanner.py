@@ -19,7 +19,7 @@ def run(args: argparse.Namespace, ctx) -> int:
 
     if args.mode != "status":
         set_manual(ctx.store, args.mode, actor=f"cli:{getpass.getuser()}")
-    obs = LiveGate(ctx).observe()
+    obs = LiveGate(ctx).observe(record=False)  # a look, not the worker's reading: no event on the timeline
     status = {
         "scanner_busy": obs.scanner.busy,
         "scanner_reason": obs.scanner.reason,

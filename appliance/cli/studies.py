@@ -1,4 +1,8 @@
-"""`edgescreen studies`: what arrived, per series, with instance counts and state."""
+"""`edgescreen studies`: what arrived, per study (the worklist's state and reason) and per series (images, state).
+
+It reads through appliance.store.worklist, the same derivation the web worklist shows, so the technician's
+terminal and the clinic's screen never disagree about a study.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, ctx) -> int:
-    from appliance.store.instances import list_studies
+    from appliance.store.worklist import list_studies
 
     studies = list_studies(ctx.store, args.limit)
     if args.json:
@@ -23,7 +27,10 @@ def run(args: argparse.Namespace, ctx) -> int:
         print(f"no studies in {ctx.data_dir}")
     for st in studies:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(st["received_at"]))
+        triage = f"  {st['triage']}" if st.get("triage") else ""
+        reason = f" ({st['reason']})" if st.get("reason") else ""
         print(f"{when}  {st['patient_name'] or '-'}  {st['description'] or ''}  [{st['study_uid']}]")
+        print(f"    {st['state']}{reason}{triage}{'  reviewed' if st.get('reviewed') else ''}")
         for se in st["series"]:
             reason = f"  ({se['reason']})" if se.get("reason") else ""
             print(f"    {se['modality'] or '?':3} {se['instances']:4d} images  {se['state']:<12} "

@@ -70,6 +70,7 @@ class MammoImage(_Strict):
     abnormal_probability: float
     malignant_probability: float
     key_image: str | None = None
+    heatmap: str | None = None  # transparent PNG overlay with the view's geometry (keyimages.mammo_heatmap_overlay)
     notes: list[str] = Field(default_factory=list)
 
 

@@ -115,14 +115,32 @@ def heat_colours(heat: np.ndarray) -> np.ndarray:
     return (np.stack([r, g, b], axis=-1) * 255).astype(np.uint8)
 
 
+def heat_rgba(heatmap: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """The heatmap resized to `size` (width, height), coloured, opaque only where it is high (alpha 0 below
+    0.2, rising to 160 at 1.0): the one look of the heatmap, in key images and in the viewer's overlay."""
+    heat = np.asarray(Image.fromarray(np.asarray(heatmap, dtype=np.float32)).resize(size, Image.BILINEAR))
+    alpha = (np.clip((heat - 0.2) / 0.8, 0, 1) * 160).astype(np.uint8)
+    return Image.fromarray(np.dstack([heat_colours(heat), alpha]), "RGBA")
+
+
 def mammo_key_image(pixels: np.ndarray, heatmap: np.ndarray, caption: str, path: Path) -> Path:
     """A mammogram (percentile-scaled grey) with its suspicion heatmap blended where it is high."""
     lo, hi = np.percentile(pixels, [1, 99])
     grey = (np.clip((pixels - lo) / max(float(hi - lo), 1e-6), 0, 1) * 255).astype(np.uint8)
     size = display_size(grey.shape)
     base = Image.fromarray(grey).resize(size, Image.BILINEAR).convert("RGB")
-    heat = np.asarray(Image.fromarray(np.asarray(heatmap, dtype=np.float32)).resize(size, Image.BILINEAR))
-    alpha = (np.clip((heat - 0.2) / 0.8, 0, 1) * 160).astype(np.uint8)
-    overlay = Image.fromarray(np.dstack([heat_colours(heat), alpha]), "RGBA")
-    image = Image.alpha_composite(base.convert("RGBA"), overlay).convert("RGB")
+    image = Image.alpha_composite(base.convert("RGBA"), heat_rgba(heatmap, size)).convert("RGB")
     return _save_png(_compose_text(image, caption), path)
+
+
+HEATMAP_MAX_SIDE = 1024  # the web viewer shows a view at most this size (appliance.web.render.MAX_SIDE)
+
+
+def mammo_heatmap_overlay(heatmap: np.ndarray, path: Path) -> Path:
+    """The heatmap alone as a transparent PNG with the view's geometry (its rows x columns, orientation and
+    field of view; a view larger than HEATMAP_MAX_SIDE is scaled down whole, as the viewer shows it), for a
+    viewer to lay over the plain image and toggle. No caption: it is never shown without its image."""
+    rows, cols = np.asarray(heatmap).shape[-2:]
+    scale = min(1.0, HEATMAP_MAX_SIDE / max(rows, cols))
+    size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
+    return _save_png(heat_rgba(heatmap, size), path)

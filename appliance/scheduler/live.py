@@ -74,14 +74,19 @@ class LiveGate:
         value = reading.ups_load_percent if var == "ups.load" else reading.ups_realpower_w
         return value, reading.taken_at, reading.error
 
-    def read(self) -> tuple[float, ScannerState, PowerReading | None]:
-        """Read every source once; changes of scanner or power state are recorded as events."""
+    def read(self, *, record: bool = True) -> tuple[float, ScannerState, PowerReading | None]:
+        """Read every source once; changes of scanner or power state are recorded as events when `record`.
+
+        Only the worker records (record=True): an onlooker such as the web's system page reads with
+        record=False, so the timeline shows each change once, not once per process that looked.
+        """
         now = time.time()
         power = self.power_source.read() if self.power_source is not None else None
         self._last_power = power
         scanner = combine([s.read(now) for s in self.sources], rule=self.ctx.config.scheduler.scanner_rule,
                           failsafe=self.ctx.config.scheduler.failsafe)
-        self._record_changes(now, scanner, power)
+        if record:
+            self._record_changes(now, scanner, power)
         return now, scanner, power
 
     def paused(self, mode_for_power: PowerReading | None = None) -> Decision | None:
@@ -93,8 +98,9 @@ class LiveGate:
         return Decision(False, f"waiting: {state['text']}", self.ctx.profile.mode_for(on_battery=on_battery),
                         on_battery)
 
-    def observe(self, *, run_now: bool = False, starving: bool = False) -> Observation:
-        now, scanner, power = self.read()
+    def observe(self, *, run_now: bool = False, starving: bool = False, record: bool = True) -> Observation:
+        """The gate's decision now, from the same sources and policy the worker uses (see `read` for `record`)."""
+        now, scanner, power = self.read(record=record)
         decision = self.paused(power) or self.gate.decide(now, scanner, power, run_now=run_now, starving=starving)
         return Observation(now, scanner, power, decision)
 

@@ -99,15 +99,20 @@ def create_app(ctx: AppContext) -> Flask:
     login_manager.init_app(app)
     babel.init_app(app, locale_selector=_select_locale, timezone_selector=lambda: app.config["BABEL_DEFAULT_TIMEZONE"])
 
-    # imported now, not at the first slice: pydicom, numpy and PIL cost a second on a small box
+    # imported and exercised now, not at the first slice: pydicom, numpy and PIL (and their lazily loaded image
+    # plugins and pixel decoders) cost a second on a small busy box
     from appliance.web import admin, api, auth, quarantine, render, study, system, upload, worklist  # noqa: F401
-    from appliance.web.helpers import install_filters
+
+    render.warm_up()
+    from appliance.web.helpers import banner_translation, install_filters
 
     for module in (auth, worklist, study, system, quarantine, upload, admin):
         app.register_blueprint(module.bp)
     app.register_blueprint(api.bp, url_prefix="/api/v1")
     install_filters(app)
     auth.install(login_manager)
+    for name in app.jinja_env.list_templates():  # compiled now, not by the first user to open each page
+        app.jinja_env.get_template(name)
 
     @app.before_request
     def _guard():
@@ -172,7 +177,8 @@ def create_app(ctx: AppContext) -> Flask:
         from flask_babel import get_locale
 
         locale = str(get_locale() or "en")
-        return {"banner": RESEARCH_USE_BANNER, "version": __version__, "site_name": ctx.config.site.name,
+        return {"banner": RESEARCH_USE_BANNER, "banner_local": banner_translation(), "version": __version__,
+                "site_name": ctx.config.site.name,
                 "languages": LANGUAGES, "locale": locale, "html_lang": HTML_LANG.get(locale, locale)}
 
     @app.after_request

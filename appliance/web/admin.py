@@ -7,7 +7,7 @@ from flask_babel import gettext as _
 
 from appliance import accounts
 from appliance.store.worklist import day_bounds
-from appliance.web.helpers import actor, require, store
+from appliance.web.helpers import actor, require, store, studies_named
 
 bp = Blueprint("admin", __name__)
 AUDIT_PER_PAGE = 100
@@ -114,4 +114,6 @@ def audit_query(args) -> dict:
 @require("audit")
 def audit():
     args = {k: v for k, v in request.args.items() if v and k != "page"}
-    return render_template("audit.html", a=audit_query(request.args), args=args)
+    a = audit_query(request.args)
+    studies = studies_named(r["target"] for r in a["rows"] if (r["action"] or "").startswith("study."))
+    return render_template("audit.html", a=a, args=args, studies=studies)

@@ -16,7 +16,7 @@ from appliance.web import study as study_view
 from appliance.web import system as system_view
 from appliance.web import upload as upload_view
 from appliance.web.admin import audit_query
-from appliance.web.helpers import actor, require, store
+from appliance.web.helpers import require, store
 from appliance.web.worklist import BadQuery, display_rows, query_from_args
 
 bp = Blueprint("api", __name__)
@@ -117,7 +117,7 @@ def study(study_uid: str):
         return error("no such study", 404)
     s = detail["study"]
     if any(j["findings"] for j in detail["jobs"]):
-        store().audit(actor(), "study.view", study_uid, "results read through the API")
+        study_view.audit_view(study_uid, "results read through the API")
     jobs = [{k: v for k, v in j.items()} for j in detail["jobs"]]
     return ok(study={k: s.get(k) for k in _STUDY_FIELDS}, series=detail["series"], jobs=jobs,
               reviews=detail["reviews"])

@@ -10,6 +10,7 @@ from flask import Flask, abort, current_app, request
 from flask_babel import format_datetime, format_decimal, format_percent, lazy_gettext
 from flask_login import current_user
 
+from appliance import RESEARCH_USE_BANNER
 from appliance.context import AppContext
 from appliance.store import Store
 
@@ -62,12 +63,32 @@ TRIAGE_LABELS = {
 }
 ROLE_LABELS = {"clinician": lazy_gettext("clinician"), "technician": lazy_gettext("technician"),
                "admin": lazy_gettext("administrator")}
+ORGAN_LABELS = {  # stage 1's classes (the reference model's; a clinic's own classes show as named)
+    "liver": lazy_gettext("liver"), "spleen": lazy_gettext("spleen"), "kidneys": lazy_gettext("kidneys"),
+    "right_kidney": lazy_gettext("right kidney"), "left_kidney": lazy_gettext("left kidney"),
+    "aorta": lazy_gettext("aorta"), "vertebrae": lazy_gettext("vertebrae"), "pancreas": lazy_gettext("pancreas"),
+}
+SOURCE_LABELS = {  # the scanner-state sources (appliance.scheduler.scanner)
+    "manual": lazy_gettext("manual switch"), "mpps": lazy_gettext("scanner messages (MPPS)"),
+    "store": lazy_gettext("images arriving"), "power-draw": lazy_gettext("scanner power draw"),
+    "clinic-hours": lazy_gettext("clinic hours"),
+}
 LOCATION_LABELS = {"head": lazy_gettext("head"), "body": lazy_gettext("body"), "tail": lazy_gettext("tail")}
 SUBTYPE_LABELS = {
     "pdac": lazy_gettext("PDAC"), "pnet": lazy_gettext("PNET"), "spt": lazy_gettext("SPT"),
     "ipmn": lazy_gettext("IPMN"), "mcn": lazy_gettext("MCN"), "scn": lazy_gettext("SCN"),
     "cp": lazy_gettext("chronic pancreatitis"), "other": lazy_gettext("other"),
 }
+
+
+def banner_translation() -> str | None:
+    """The research-use banner in the page's language, shown before the English constant (which stays the
+    source and is always shown); None in English, or when the catalogue has no translation of the constant's
+    current text (appliance/web/catalogue.py keeps the catalogue entry in step with the constant)."""
+    from flask_babel import gettext
+
+    text = gettext(RESEARCH_USE_BANNER)
+    return None if text == RESEARCH_USE_BANNER else text
 
 
 # -- names ------------------------------------------------------------------------------------------
@@ -121,6 +142,22 @@ def patient_fields(row: dict, masked: bool) -> dict:
             "masked": False}
 
 
+def studies_named(uids) -> dict[str, dict]:
+    """{study_uid: {"patient_name", "patient_id"}} for the studies the store has among `uids` (masked when the
+    site says so): a quarantine or audit row then names the patient, not a 64-digit UID."""
+    wanted = sorted({u for u in uids if u})
+    if not wanted:
+        return {}
+    masked = ctx().config.web.mask_patient
+    out = {}
+    for chunk in range(0, len(wanted), 500):
+        part = wanted[chunk:chunk + 500]
+        for r in store().query(f"SELECT study_uid, patient_name, patient_id FROM studies "
+                               f"WHERE study_uid IN ({','.join('?' * len(part))})", part):
+            out[r["study_uid"]] = patient_fields(dict(r), masked)
+    return out
+
+
 # -- filters ----------------------------------------------------------------------------------------
 def _when(ts: float | None, fmt: str = "short") -> str:
     if not ts:
@@ -139,10 +176,22 @@ def _study_date(text: str | None) -> str:
         return text
 
 
+def reason_text(reason: str | None) -> str:
+    """A gate or worker reason for display beside its state: without the leading "waiting: " / "running: " the
+    state label already says ("waiting  waiting: scanner busy ..." reads as a stutter)."""
+    text = str(reason or "")
+    for prefix in ("waiting: ", "running: "):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
+
+
 def install_filters(app: Flask) -> None:
     app.add_template_filter(_when, "when")
     app.add_template_filter(_study_date, "study_date")
     app.add_template_filter(person_name, "pn")
+    app.add_template_filter(reason_text, "reason")
+    app.add_template_filter(lambda s: SOURCE_LABELS.get(s, s), "source_label")
     app.add_template_filter(lambda v, d=1: format_decimal(v, format="#,##0." + "0" * d) if v is not None else "–",
                             "num")
     app.add_template_filter(lambda v: format_percent(v, format="#,##0.0%") if v is not None else "–", "pct")
@@ -150,4 +199,5 @@ def install_filters(app: Flask) -> None:
     app.add_template_filter(lambda s: TRIAGE_LABELS.get(s, s or "–"), "triage_label")
     app.add_template_filter(lambda s: ROLE_LABELS.get(s, s), "role_label")
     app.add_template_filter(lambda s: LOCATION_LABELS.get(s, s), "location_label")
+    app.add_template_filter(lambda s: ORGAN_LABELS.get(s, str(s).replace("_", " ")), "organ_label")
     app.add_template_filter(lambda s: SUBTYPE_LABELS.get(s, s), "subtype_label")

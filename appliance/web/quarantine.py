@@ -7,7 +7,7 @@ import time
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_babel import gettext as _
 
-from appliance.web.helpers import actor, ctx, require, store
+from appliance.web.helpers import actor, ctx, require, store, studies_named
 
 bp = Blueprint("quarantine", __name__)
 PER_PAGE = 50
@@ -57,7 +57,9 @@ def page():
         page_no = max(1, int(request.args.get("page", 1)))
     except ValueError:
         page_no = 1
-    return render_template("quarantine.html", q=quarantine_page(page_no), now=time.time())
+    q = quarantine_page(page_no)
+    return render_template("quarantine.html", q=q, now=time.time(),
+                           studies=studies_named(item["study_uid"] for item in q["entries"]))
 
 
 @bp.post("/quarantine/<int:item_id>/retry")

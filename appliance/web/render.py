@@ -25,6 +25,10 @@ import pydicom
 from PIL import Image
 
 from appliance.logs import get_logger
+
+# the label volume's reader pulls in the pipeline package (highdicom, scipy: over a second on a busy box); imported
+# with this module at start-up, so the first analysed study a radiographer opens does not pay for it
+from appliance.pipeline.outputs.labels import read_labels, slice_labels
 from appliance.store import Store
 
 log = get_logger(__name__)
@@ -32,11 +36,26 @@ log = get_logger(__name__)
 # (level, width) in HU. The narrow pancreas window separates a near-iso-attenuating lesion from the gland.
 PRESETS = {"soft": (50.0, 400.0), "pancreas": (40.0, 150.0), "bone": (400.0, 1800.0)}
 MAX_SIDE = 1024  # mammograms are downsampled for display; CT slices are sent at their own size
-ORGAN_COLOURS = {  # RGBA outline colours per stage-1 class name
+ORGAN_COLOURS = {  # RGBA outline colours per stage-1 class name; red is kept for lesions alone
     "liver": (214, 124, 48, 255), "spleen": (155, 89, 182, 255), "right_kidney": (52, 152, 219, 255),
-    "left_kidney": (52, 152, 219, 255), "aorta": (231, 76, 60, 255), "vertebrae": (236, 240, 241, 255),
+    "left_kidney": (52, 152, 219, 255), "aorta": (255, 214, 10, 255), "vertebrae": (236, 240, 241, 255),
     "pancreas": (46, 204, 113, 255),
 }
+OTHER_ORGAN = (0, 210, 210, 255)  # a class a clinic's own stage 1 adds
+
+
+def organ_legend(classes: tuple[str, ...]) -> list[str]:
+    """The organ outlines drawn, in class order, as legend keys: a class name, "kidneys" for right and left
+    (one colour), "other" for a class a clinic's own model adds. style.css has a .sw-org-KEY swatch per key in
+    the colours above (tests/test_web_studies.py checks they agree; CSP forbids inline colours)."""
+    out: list[str] = []
+    for name in classes:
+        if name in ("background", "pancreas"):
+            continue
+        key = "kidneys" if name.endswith("_kidney") else name if name in ORGAN_COLOURS else "other"
+        if key not in out:
+            out.append(key)
+    return out
 PANCREAS_COLOUR = (46, 230, 113, 255)
 LESION_FILL = (255, 40, 40, 90)
 LESION_EDGE = (255, 60, 60, 255)
@@ -91,36 +110,41 @@ class SeriesView:
     organ_classes: tuple[str, ...] = ()
     lesion_slices: tuple[int, ...] = ()
     pancreas_slices: tuple[int, ...] = ()
+    lesion_centres: tuple[tuple[int, int], ...] = ()  # (lesion number k of "lesion_k", its middle slice)
 
     @property
     def count(self) -> int:
         return len(self.paths)
 
 
-def _result_dir(store: Store, series_uid: str) -> Path | None:
-    row = store.query_one("""SELECT r.output_dir FROM results r JOIN jobs j ON j.id = r.job_id
-                             WHERE j.series_uid = ? ORDER BY r.id DESC LIMIT 1""", (series_uid,))
-    return Path(row["output_dir"]) if row and row["output_dir"] else None
-
-
 def series_view(store: Store, series_uid: str) -> SeriesView | None:
-    """The series' slices in display order, and where its overlays come from (cached per result)."""
-    rows = store.query("SELECT sop_uid, path FROM instances WHERE series_uid = ? ORDER BY instance_number, sop_uid",
-                       (series_uid,))
-    if not rows:
+    """The series' slices in display order, and where its overlays come from.
+
+    Cached per (series, number of images, latest result): every slice and overlay request asks for the view,
+    so the check that it is still current is one small indexed query, not a listing of the series' files.
+    """
+    head = store.query_one(
+        """SELECT se.modality, (SELECT COUNT(*) FROM instances i WHERE i.series_uid = se.series_uid) AS n,
+                  (SELECT r.output_dir FROM results r JOIN jobs j ON j.id = r.job_id WHERE j.series_uid = se.series_uid
+                   ORDER BY r.id DESC LIMIT 1) AS output_dir
+           FROM series se WHERE se.series_uid = ?""", (series_uid,))
+    if head is None or not head["n"]:
         return None
-    modality = store.query_one("SELECT modality FROM series WHERE series_uid = ?", (series_uid,))["modality"]
-    out_dir = _result_dir(store, series_uid)
-    key = (str(store.data_dir), series_uid, len(rows), str(out_dir))
+    out_dir = Path(head["output_dir"]) if head["output_dir"] else None
+    key = (str(store.data_dir), series_uid, head["n"], str(out_dir))
     cached = _series_cache.get(key)
     if cached is not None:
         return cached[0]
+    modality = head["modality"]
+    rows = store.query("SELECT sop_uid, path FROM instances WHERE series_uid = ? ORDER BY instance_number, sop_uid",
+                       (series_uid,))
     by_uid = {r["sop_uid"]: r["path"] for r in rows}
     order = [r["sop_uid"] for r in rows]
     labels_path = kind = None
     organ_classes: tuple[str, ...] = ()
     lesion_slices: list[int] = []
     pancreas_slices: list[int] = []
+    centres: list[tuple[int, int]] = []
     if out_dir is not None and (out_dir / "labels.npz").exists():
         labels = _load_labels(out_dir / "labels.npz")
         if labels is not None and set(labels["slice_uids"]) <= set(by_uid):
@@ -132,6 +156,11 @@ def series_view(store: Store, series_uid: str) -> SeriesView | None:
                 if name in labels:
                     target += [start + int(z) for z in np.flatnonzero(labels[name].reshape(labels[name].shape[0], -1)
                                                                       .any(axis=1))]
+            if "lesions" in labels:
+                flat = labels["lesions"].reshape(labels["lesions"].shape[0], -1)
+                for k in np.unique(flat[flat != 0]):
+                    zs = np.flatnonzero((flat == k).any(axis=1))
+                    centres.append((int(k), start + int(zs[len(zs) // 2])))
     elif out_dir is not None and (out_dir / "seg.dcm").exists():
         seg = _load_seg(out_dir / "seg.dcm")
         if seg is not None:
@@ -144,7 +173,7 @@ def series_view(store: Store, series_uid: str) -> SeriesView | None:
                     if "pancreas" in layers:
                         pancreas_slices.append(index[uid])
     view = SeriesView(series_uid, modality, tuple(by_uid[u] for u in order), tuple(order), labels_path, kind,
-                      organ_classes, tuple(sorted(lesion_slices)), tuple(sorted(pancreas_slices)))
+                      organ_classes, tuple(sorted(lesion_slices)), tuple(sorted(pancreas_slices)), tuple(centres))
     _series_cache.put(key, view, 200 + 150 * len(order))
     return view
 
@@ -154,8 +183,6 @@ def _load_labels(path: Path) -> dict | None:
     hit = _labels_cache.get(key)
     if hit is not None:
         return hit[0]
-    from appliance.pipeline.outputs.labels import read_labels
-
     try:
         labels = read_labels(path)
     except (ValueError, OSError, KeyError) as exc:
@@ -209,7 +236,7 @@ def window_for(preset: str | None, level: float | None, width: float | None) -> 
     return None
 
 
-def _pixels(path: Path) -> tuple[np.ndarray, tuple[float, float] | None, bool]:
+def _pixels(path: Path | io.BytesIO) -> tuple[np.ndarray, tuple[float, float] | None, bool]:
     """Modality values (HU for CT), the file's own window if any, and whether it displays inverted."""
     ds = pydicom.dcmread(path)
     arr = ds.pixel_array
@@ -287,8 +314,6 @@ def _layer_images(view: SeriesView, index: int) -> dict[str, np.ndarray] | None:
         labels = _load_labels(Path(view.labels_path))
         if labels is None or index >= len(labels["slice_uids"]):
             return None
-        from appliance.pipeline.outputs.labels import slice_labels
-
         return slice_labels(labels, index)
     if view.labels_kind == "seg":
         seg = _load_seg(Path(view.labels_path))
@@ -296,36 +321,76 @@ def _layer_images(view: SeriesView, index: int) -> dict[str, np.ndarray] | None:
     return None
 
 
-def overlay_png(store: Store, view: SeriesView, index: int, layer: str, shape: tuple[int, int]) -> bytes:
-    """A transparent PNG of one layer on one slice, the size of the slice image (rows, columns)."""
-    key = (view.labels_path, view.sop_uids[index], layer, shape)
-    hit = _overlay_cache.get(key)
-    if hit is not None:
-        return hit[0]
+def _layer_png(view: SeriesView, layer: str, image: np.ndarray | None, shape: tuple[int, int]) -> bytes:
     rgba = np.zeros((*shape, 4), dtype=np.uint8)
-    images = _layer_images(view, index) or {}
-    image = images.get(layer)
     if image is not None and image.shape == shape and image.any():
         if layer == "organs":
             for value, name in enumerate(view.organ_classes):
                 if value == 0 or name in ("background", "pancreas"):
                     continue  # the pancreas has its own layer (stage 2's finer mask)
-                rgba[_edge(image == value)] = ORGAN_COLOURS.get(name, (241, 196, 15, 255))
+                rgba[_edge(image == value)] = ORGAN_COLOURS.get(name, OTHER_ORGAN)
         elif layer == "pancreas":
             rgba[_edge(image != 0)] = PANCREAS_COLOUR
         elif layer == "lesions":
             inside = image != 0
             rgba[inside] = LESION_FILL
             rgba[_edge(inside)] = LESION_EDGE
-    data = _png(Image.fromarray(rgba, "RGBA"))
-    _overlay_cache.put(key, data, len(data))
-    return data
+    return _png(Image.fromarray(rgba, "RGBA"))
+
+
+def overlay_png(store: Store, view: SeriesView, index: int, layer: str, shape: tuple[int, int]) -> bytes:
+    """A transparent PNG of one layer on one slice, the size of the slice image (rows, columns).
+
+    The viewer asks for every layer of a slice at once, and one slice's label images cost the same for one
+    layer as for three: all three are drawn and cached on the first request."""
+    key = (view.labels_path, view.sop_uids[index], layer, shape)
+    hit = _overlay_cache.get(key)
+    if hit is not None:
+        return hit[0]
+    images = _layer_images(view, index) or {}
+    out = b""
+    for name in LAYERS:
+        data = _layer_png(view, name, images.get(name), shape)
+        _overlay_cache.put((view.labels_path, view.sop_uids[index], name, shape), data, len(data))
+        if name == layer:
+            out = data
+    return out
 
 
 def slice_shape(store: Store, view: SeriesView) -> tuple[int, int]:
-    """(rows, columns) of the series' images, from the first file's header."""
+    """(rows, columns) of the series' images, from the first file's header (read once per view)."""
+    key = ("shape", str(store.data_dir), view.series_uid, view.paths[0])
+    hit = _series_cache.get(key)
+    if hit is not None:
+        return hit[0]
     ds = pydicom.dcmread(store.data_dir / view.paths[0], stop_before_pixels=True)
-    return int(ds.Rows), int(ds.Columns)
+    shape = (int(ds.Rows), int(ds.Columns))
+    _series_cache.put(key, shape, 100)
+    return shape
+
+
+def warm_up() -> None:
+    """Render one tiny slice through the real path at start-up, so the first radiographer's first slice does not
+    pay for the lazy imports (PIL's image plugins, pydicom's pixel decoders: ~50 ms here, far more on a busy box)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Rows = ds.Columns = 16
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 16, 15, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.PixelData = np.zeros((16, 16), np.int16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    buf.seek(0)
+    arr, own, invert = _pixels(buf)
+    _png(Image.fromarray(_to_uint8(arr, PRESETS["soft"], invert)))
+    _png(Image.fromarray(np.zeros((16, 16, 4), np.uint8), "RGBA"))
 
 
 def read_findings(output_dir: str | None) -> dict | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,12 @@ from appliance.web.helpers import actor, ctx, patient_fields, require, store
 bp = Blueprint("study", __name__)
 
 
+def _heatmaps(findings: dict | None) -> list[str]:
+    """The mammography heatmap overlays a result names (one transparent PNG per view)."""
+    mammo = (findings or {}).get("mammo") or {}
+    return [im["heatmap"] for im in mammo.get("images") or [] if im.get("heatmap")]
+
+
 def _downloads(job_id: int, findings: dict | None, output_dir: str | None) -> list[dict]:
     """The result's files the pipeline names (SEG, SR, PDF, key images), with what each is."""
     if not findings or not output_dir:
@@ -25,10 +32,23 @@ def _downloads(job_id: int, findings: dict | None, output_dir: str | None) -> li
     out = []
     for name in dict.fromkeys(names):
         path = Path(output_dir) / name
-        if path.is_file():
-            kind = kinds.get(name) or (_("key image") if name.endswith(".png") else name.rsplit(".", 1)[-1].upper())
+        if path.is_file() and not name.endswith(".npz"):  # labels.npz is the viewer's, drawn on the slices
+            kind = kinds.get(name) or (_key_image_kind(name) if name.endswith(".png") else name.rsplit(".", 1)[-1].upper())
             out.append({"name": name, "kind": kind, "size": path.stat().st_size, "job_id": job_id})
     return out
+
+
+def _key_image_kind(name: str) -> str:
+    """What a key image shows, from the pipeline's file names (key_pancreas, key_lesion_2, key_mammo_1_R_CC)."""
+    stem = name.rsplit(".", 1)[0]
+    if stem.startswith("key_lesion_") and stem[11:].isdigit():
+        return _("key image: lesion #%(n)s", n=stem[11:])
+    if stem == "key_pancreas":
+        return _("key image: pancreas")
+    parts = stem.split("_")
+    if stem.startswith("key_mammo_") and len(parts) >= 5:
+        return _("key image: %(view)s", view=f"{parts[3]} {parts[4]}")
+    return _("key image")
 
 
 def study_detail(study_uid: str) -> dict | None:
@@ -66,6 +86,65 @@ def study_detail(study_uid: str) -> dict | None:
     return {"study": study, "series": series, "jobs": jobs, "reviews": reviews}
 
 
+def _mammo_views(study_uid: str, detail: dict, viewer: list[dict]) -> list[dict]:
+    """Each MG image of the study with its result's view (laterality, view, probabilities) and heatmap overlay.
+
+    Views are matched to the result by the stored file's name (findings' `path`), so an exam that arrived as
+    four series, or in another order, still gets each heatmap on its own image.
+    """
+    job = next((j for j in reversed(detail["jobs"]) if j["findings"] and j["findings"].get("mammo")), None)
+    by_file = {im.get("path"): im for im in job["findings"]["mammo"]["images"]} if job else {}
+    views = []
+    for se in viewer:
+        if se["modality"] != "MG":
+            continue
+        view = render.series_view(store(), se["series_uid"])
+        for i, rel in enumerate(view.paths if view else ()):
+            found = by_file.get(Path(rel).name)
+            plain = url_for("study.slice_image", study_uid=study_uid, series_uid=se["series_uid"], index=i)
+            heat = key = None
+            if found and found.get("heatmap"):
+                heat = url_for("study.download", study_uid=study_uid, job_id=job["id"], name=found["heatmap"])
+            elif found and found.get("key_image"):  # a result from before the overlays: swap for the key image
+                key = url_for("study.download", study_uid=study_uid, job_id=job["id"], name=found["key_image"],
+                              inline=1)
+            views.append({"series": se, "index": i, "plain": plain, "heatmap": heat, "key_image": key,
+                          "result": found})
+    return views
+
+
+VIEW_AUDIT_EVERY_S = 300.0
+_views_audited: dict[tuple[str, str, str], float] = {}
+_views_lock = threading.Lock()
+
+
+def audit_view(study_uid: str, detail: str) -> bool:
+    """Audit that the current user was shown a study's results: once per user, study and VIEW_AUDIT_EVERY_S.
+
+    The page's own reloads, the slices it fetches and a script polling the API every few seconds would
+    otherwise each be an fsynced write in the store's one write lock, which the worker and the DICOM service
+    need (and an audit log of thousands of identical rows). Who saw which result, and from when, stays exact
+    to five minutes; any other action is audited every time. True if a row was written.
+    """
+    key = (str(store().data_dir), actor(), study_uid)
+    now = time.monotonic()
+    with _views_lock:
+        last = _views_audited.get(key)
+        if last is not None and now - last < VIEW_AUDIT_EVERY_S:
+            return False
+        if len(_views_audited) > 10_000:  # forget the expired ones; the map stays small
+            for old in [k for k, t in _views_audited.items() if now - t >= VIEW_AUDIT_EVERY_S]:
+                del _views_audited[old]
+        _views_audited[key] = now
+    try:
+        store().audit(actor(), "study.view", study_uid, detail)
+    except Exception:
+        with _views_lock:  # not recorded: the next view tries again
+            _views_audited.pop(key, None)
+        raise
+    return True
+
+
 def _viewer_series(detail: dict) -> list[dict]:
     """Series the viewer can show (images of a modality it can window), analysed ones first."""
     analysed = {j["series_uid"] for j in detail["jobs"] if j["state"] == "done"}
@@ -79,7 +158,7 @@ def page(study_uid: str):
     if detail is None:
         abort(404)
     if any(j["findings"] for j in detail["jobs"]):
-        store().audit(actor(), "study.view", study_uid, "results shown")
+        audit_view(study_uid, "results shown")
     viewer = []
     for se in _viewer_series(detail):
         view = render.series_view(store(), se["series_uid"])
@@ -89,8 +168,11 @@ def page(study_uid: str):
                  view.pancreas_slices[len(view.pancreas_slices) // 2] if view.pancreas_slices else view.count // 2)
         viewer.append({**se, "count": view.count, "start": start, "overlays": view.labels_kind is not None,
                        "organs": view.labels_kind == "labels", "lesion_slices": list(view.lesion_slices),
+                       "organ_legend": render.organ_legend(view.organ_classes),
+                       "lesion_centres": {f"lesion_{k}": z for k, z in view.lesion_centres},
                        "pancreas_slices": list(view.pancreas_slices)})
-    return render_template("study.html", d=detail, viewer=viewer, presets=render.PRESETS)
+    mammo_views = _mammo_views(study_uid, detail, viewer) if any(v["modality"] == "MG" for v in viewer) else []
+    return render_template("study.html", d=detail, viewer=viewer, presets=render.PRESETS, mammo_views=mammo_views)
 
 
 def _view_or_404(study_uid: str, series_uid: str) -> render.SeriesView:
@@ -147,10 +229,13 @@ def download(study_uid: str, job_id: int, name: str):
                             "WHERE r.job_id = ? AND j.study_uid = ?", (job_id, study_uid))
     findings = render.read_findings(row["output_dir"]) if row else None
     allowed = {d["name"] for d in _downloads(job_id, findings, row["output_dir"] if row else None)}
-    if name not in allowed:  # only the files the result names: never a path of the caller's choosing
+    overlay = name in _heatmaps(findings)  # shown on the views, not offered as a download
+    if name not in allowed and not overlay:  # only the files the result names: never a path of the caller's choosing
         abort(404)
     path = Path(row["output_dir"]) / name
-    inline = name.endswith(".png") and request.args.get("inline") == "1"
+    if not path.is_file():
+        abort(404)
+    inline = name.endswith(".png") and (overlay or request.args.get("inline") == "1")
     if not inline:
         store().audit(actor(), "study.export", study_uid, f"job {job_id}: {name}")
     resp = send_file(path, as_attachment=not inline, download_name=name, max_age=0)

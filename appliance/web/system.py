@@ -38,30 +38,26 @@ def _cache(name: str) -> dict:
 def gate_view() -> dict:
     """What the gate sees now: scanner sources, power, the decision and its reason (cached a few seconds).
 
-    The web process keeps its own LiveGate's sources but does not record events: the worker is the one
-    that records scanner and power changes, so the timeline shows each change once.
+    The same LiveGate the worker uses, read with record=False: the worker is the one that records scanner
+    and power changes, so the timeline shows each change once however many pages are open.
     """
     from appliance.scheduler.live import LiveGate
-    from appliance.scheduler.scanner import combine
 
     _gate = _cache("gate")
     with _gate_lock:
         now = time.time()
         if _gate["value"] is not None and now - _gate["at"] < OBSERVE_EVERY_S:
             return _gate["value"]
-        if _gate["gate"] is None:
-            _gate["gate"] = LiveGate(ctx())
-        gate = _gate["gate"]
-        cfg = ctx().config.scheduler
         try:
-            power = gate.power_source.read() if gate.power_source is not None else None
-            scanner = combine([s.read(now) for s in gate.sources], rule=cfg.scanner_rule, failsafe=cfg.failsafe)
-            decision = gate.paused(power) or gate.gate.decide(now, scanner, power)
+            if _gate["gate"] is None:
+                _gate["gate"] = LiveGate(ctx())
+            obs = _gate["gate"].observe(record=False)
         except Exception as exc:  # a source that throws must not take the page down
             log.warning("gate not observed", error=f"{type(exc).__name__}: {exc}")
             value = {"error": str(exc)}
             _gate.update(at=now, value=value)
             return value
+        scanner, power, decision = obs.scanner, obs.power, obs.decision
         value = {
             "scanner": {"busy": scanner.busy, "since": scanner.since, "reason": scanner.reason,
                         "signals": [{"source": s.source, "busy": s.busy, "stale": s.stale, "reason": s.reason,
@@ -146,8 +142,12 @@ def system_status() -> dict:
     c = ctx()
     s = store()
     disk = shutil.disk_usage(c.data_dir)
+    from appliance.store.jobs import stage_position
+
     running = [dict(r) for r in s.query("SELECT id, study_uid, pipeline, stage, progress, started_at FROM jobs "
                                         "WHERE state = 'running' ORDER BY started_at")]
+    for job in running:
+        job["stage_k"], job["stage_n"] = stage_position(job["pipeline"], job["stage"]) or (None, None)
     worker_reason = s.query_one("SELECT waiting_reason FROM jobs WHERE state = 'queued' AND waiting_reason IS NOT NULL "
                                 "ORDER BY updated_at DESC LIMIT 1")
     profile = c.profile

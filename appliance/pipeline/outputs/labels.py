@@ -78,15 +78,24 @@ def read_labels(path: Path) -> dict[str, Any]:
 def slice_labels(labels: dict[str, Any], z: int) -> dict[str, np.ndarray]:
     """{"organs", "pancreas", "lesions"}: uint8 (rows, columns) label images of source slice z."""
     grid: Grid = labels["source_grid"]
+    organs_grid: Grid = labels["organs_grid"]
     rows, cols = grid.shape[1], grid.shape[2]
-    jj, ii = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    index = np.stack([np.full(jj.shape, z), jj, ii], axis=-1).reshape(-1, 3)
-    target = np.rint(labels["organs_grid"].to_index(grid.to_lps(index))).astype(np.int64)
-    organs = np.zeros(rows * cols, dtype=np.uint8)
-    shape = np.asarray(labels["organs"].shape)
-    inside = np.all((target >= 0) & (target < shape), axis=1)
-    organs[inside] = labels["organs"][tuple(target[inside].T)]
-    out = {"organs": organs.reshape(rows, cols)}
+    # source voxel (z, j, i) -> organ-grid index is affine: origin + j * step_j + i * step_i for this slice. Built
+    # per axis from a row and a column (no (rows*cols, 3) matrix products): a viewer draws this at scroll speed.
+    origin = organs_grid.to_index(grid.to_lps(np.array([[z, 0, 0]])))[0]
+    step_j = organs_grid.to_index(grid.to_lps(np.array([[z, 1, 0]])))[0] - origin
+    step_i = organs_grid.to_index(grid.to_lps(np.array([[z, 0, 1]])))[0] - origin
+    j, i = np.arange(rows, dtype=np.float64)[:, None], np.arange(cols, dtype=np.float64)[None, :]
+    shape = labels["organs"].shape
+    inside = np.ones((rows, cols), dtype=bool)
+    target = []
+    for axis in range(3):
+        t = np.rint(origin[axis] + j * step_j[axis] + i * step_i[axis]).astype(np.int64)
+        inside &= (t >= 0) & (t < shape[axis])
+        target.append(t)
+    organs = np.zeros((rows, cols), dtype=np.uint8)
+    organs[inside] = labels["organs"][tuple(t[inside] for t in target)]
+    out = {"organs": organs}
     for key in ("pancreas", "lesions"):
         image = np.zeros((rows, cols), dtype=np.uint8)
         if key in labels:

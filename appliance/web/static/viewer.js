@@ -159,17 +159,22 @@
     if (q(".zoom-in")) q(".zoom-in").addEventListener("click", function () { self.setZoom(self.zoom * 1.25); });
     if (q(".zoom-out")) q(".zoom-out").addEventListener("click", function () { self.setZoom(self.zoom * 0.8); });
     if (q(".zoom-reset")) q(".zoom-reset").addEventListener("click", function () { self.setZoom(1); });
-    this.root.querySelectorAll(".jump-lesion").forEach(function (b) {
+    // "go to the lesion" in the viewer, and each lesion's "show" in the findings table beside it
+    document.querySelectorAll(".jump-lesion, .jump-slice").forEach(function (b) {
       b.addEventListener("click", function () { self.show(parseInt(b.dataset.to, 10)); self.stage.focus(); });
     });
   };
 
+  // Mammography: each view's heatmap is a transparent PNG laid over the plain image; the box shows or hides
+  // them all. A result from before the overlays has only key images (heatmap burnt in): those are swapped in.
   function mammo(root) {
     var box = root.querySelector(".toggle-heatmap");
     var apply = function () {
-      root.querySelectorAll("img.mg").forEach(function (img) {
-        var heat = img.dataset.heatmap;
-        img.src = box && box.checked && heat ? heat : img.dataset.plain;
+      var on = !!(box && box.checked);
+      root.classList.toggle("heat-off", !on);
+      root.dataset.heatmap = on ? "on" : "off";
+      root.querySelectorAll("img.mg[data-key-image]").forEach(function (img) {
+        img.src = on ? img.dataset.keyImage : img.dataset.plain;
       });
     };
     if (box) { box.addEventListener("change", apply); apply(); }
