@@ -267,6 +267,20 @@ class Domain(_Strict):
     source: str = Field(min_length=1, description="the data this domain describes")
 
 
+class Contralateral(_Strict):
+    """Read each image against the same view of the other breast, as radiologists read asymmetry (issue 14.4).
+
+    The decision score of an image is sigmoid(logit(p) - weight x logit(p_other)), p_other the mean of the
+    other breast's images of the same view in the exam; a view with no counterpart is set against
+    ``lone_view_logit`` (a typical breast of the development data) and the result says so. Operating
+    points and the decision threshold of such a card are calibrated on that paired score.
+    """
+
+    weight: float = Field(ge=0.0, le=2.0)
+    lone_view_logit: float
+    calibration: str = Field(min_length=1, description="how the weight and the lone-view logit were chosen")
+
+
 class OperatingPoint(_Strict):
     """A threshold on the decision output calibrated for one target, on a named calibration set."""
 
@@ -292,6 +306,7 @@ class ModelCard(_Strict):
     operating_points: list[OperatingPoint] = Field(default_factory=list)
     default_operating_point: str | None = None
     domain: Domain | None = None
+    contralateral: Contralateral | None = None
     intended_use: str
     training_data: str
     licence: str

@@ -497,6 +497,16 @@ def render_markdown(r: dict) -> str:
             if k in m:
                 ci = m.get(f"{k}_ci95")
                 lines.append(f"- {k}: {figure(float(m[k]), list(ci) if ci else None)}")
+        if m.get("decision_score"):
+            only = m.get("image_only") or {}
+            lines += ["", f"The decision score is the paired one: {m['decision_score']} (weight "
+                      f"{m['contralateral']['weight']:g}). The image alone: AUC "
+                      f"{figure(float(only['auc']), only.get('auc_ci95'))}." if only.get("auc") is not None else ""]
+        variants = (m.get("variants") or {}).get("variants") or {}
+        if variants:
+            lines += ["", "Every variant measured (patient-level CV AUC, 95% CI by patient bootstrap):", "",
+                      "| variant | CV AUC (95% CI) |", "|---|---|",
+                      *[f"| {name} | {figure(v['auc'], v['auc_ci95'])} |" for name, v in variants.items()]]
         lines.append("")
     else:
         lines += ["models/mammo_cv.json was not present when this report was written.", ""]

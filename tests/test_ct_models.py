@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from appliance.modelcard import ModelCard, load_card
+from appliance.pipeline.activations import sigmoid, softmax
+from appliance.pipeline.metrics import dice
 from appliance.pipeline.pancreas import largest_component
 from models.train.ct_common import (
     HELDOUT_SEED_BASE,
@@ -21,10 +23,7 @@ from models.train.ct_common import (
     ORGAN_NAMES,
     bbox_centre,
     crop,
-    dice,
-    sigmoid,
     sliding_window,
-    softmax,
     window,
 )
 

@@ -98,3 +98,19 @@ def test_training_step_smoke() -> None:
     model = train.train_model(data, np.arange(2), cfg, seed=0, tag="smoke")
     scores = train.predict_scores(model, images, tta=True)
     assert scores.shape == (2, 2) and np.isfinite(scores).all()
+
+
+def test_each_view_is_read_against_the_same_view_of_the_other_breast() -> None:
+    """The one pairing rule (issue 14.4): logit minus w x the other breast's same view (several: their mean);
+    views compare case-blind; a lone view, or an image of unknown side, is set against the lone reference."""
+    images = [("L", "MLO", 2.0), ("R", "MLO", -1.0), ("L", "CC", 1.0), ("R", "cc", 0.0), ("R", "CC", -2.0),
+              ("L", "ML", 0.5), ("U", "MLO", 3.0)]
+    scores, partners = pipeline.contralateral_scores(images, 0.5, lone_reference=-1.5)
+    assert scores[0] == pytest.approx(2.0 + 0.5) and partners[0] == "R MLO"
+    assert scores[1] == pytest.approx(-1.0 - 1.0) and partners[1] == "L MLO"
+    assert scores[2] == pytest.approx(1.0 - 0.5 * -1.0) and partners[2] == "R CC"
+    assert scores[3] == pytest.approx(0.0 - 0.5 * 1.0) and scores[4] == pytest.approx(-2.0 - 0.5 * 1.0)
+    assert partners[5] is None and scores[5] == pytest.approx(0.5 + 0.75)  # no right ML in the exam
+    assert partners[6] is None and scores[6] == pytest.approx(3.0 + 0.75)  # side unknown: never paired
+    assert pipeline.contralateral_scores(images, 0.0, lone_reference=-1.5)[0] == [v for _, _, v in images]
+

@@ -136,10 +136,54 @@ def test_analyze_exam_gives_breast_and_exam_scores(model, tmp_path: Path) -> Non
     right = write_dicom(tmp_path / "r.dcm", mias_12bit("mdb006"), laterality="R")
     result = pipeline.analyze_mammo_images([left, right], session=session)
     assert set(result.breasts) == {"L", "R"}
-    assert result.exam_score == max(i.abnormal_probability for i in result.images)
+    assert result.exam_score == max(i.decision_score for i in result.images)
+    assert result.breasts == {i.laterality: i.decision_score for i in result.images}
     assert result.triage == ("suspicious" if result.exam_score >= card.decision.threshold else "not_suspicious")
     assert pipeline.analyze_mammo_images([left], session=session, threshold=0.0).triage == "suspicious"
     assert pipeline.analyze_mammo_images([left], session=session, threshold=1.0 + 1e-9).triage == "not_suspicious"
+
+
+def _card_with_rule(tmp_path: Path, rule: dict | None) -> Path:
+    """A copy of the shipped card and model with the given contralateral rule (None: without one)."""
+    import shutil
+
+    card = json.loads(pipeline.DEFAULT_CARD.read_text())
+    shutil.copy(pipeline.DEFAULT_CARD.parent / card["file"], tmp_path / card["file"])
+    card.pop("contralateral", None)
+    if rule is not None:
+        card["contralateral"] = rule
+    path = tmp_path / "mammo.json"
+    path.write_text(json.dumps(card))
+    return path
+
+
+def test_exam_reads_each_view_against_the_other_breast(model, tmp_path: Path) -> None:
+    """With the card's contralateral rule the decision score of a view is read against the other breast's same
+    view and the image says so; a lone view is set against a typical breast and says that; without a rule the
+    decision score is the image's own. The exam score and the triage follow the decision scores."""
+    _, session = model
+    left = write_dicom(tmp_path / "l.dcm", mias_12bit(ABNORMAL), laterality="L")
+    right = write_dicom(tmp_path / "r.dcm", mias_12bit("mdb006"), laterality="R")
+    lone = write_dicom(tmp_path / "c.dcm", mias_12bit(NORMAL), laterality="L", view="CC")
+    rule = {"weight": 0.5, "lone_view_logit": -1.25, "calibration": "test"}
+    paired = pipeline.analyze_mammo_images([left, right, lone], card_path=_card_with_rule(tmp_path, rule),
+                                           session=session, threshold=0.5)
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    l_img, r_img, c_img = paired.images
+    assert l_img.decision_score == pytest.approx(sig(logit(l_img.abnormal_probability) - 0.5 * logit(r_img.abnormal_probability)), abs=1e-6)
+    assert r_img.decision_score == pytest.approx(sig(logit(r_img.abnormal_probability) - 0.5 * logit(l_img.abnormal_probability)), abs=1e-6)
+    assert c_img.decision_score == pytest.approx(sig(logit(c_img.abnormal_probability) + 0.5 * 1.25), abs=1e-6)
+    assert any("read against the R MLO" in n for n in l_img.notes)
+    assert any("no R CC in this exam" in n for n in c_img.notes)
+    assert paired.exam_score == max(i.decision_score for i in paired.images)
+    assert paired.triage == ("suspicious" if paired.exam_score >= 0.5 else "not_suspicious")
+    sub = tmp_path / "plain"
+    sub.mkdir()
+    plain = pipeline.analyze_mammo_images([left, right, lone], card_path=_card_with_rule(sub, None), session=session)
+    assert [i.decision_score for i in plain.images] == [i.abnormal_probability for i in plain.images]
+    assert [i.abnormal_probability for i in plain.images] == [i.abnormal_probability for i in paired.images]
+    assert not any("read against" in n for i in plain.images for n in i.notes)
 
 
 def _cli(argv: list[str]) -> int:

@@ -50,6 +50,7 @@ def run(args: argparse.Namespace, ctx: object | None = None) -> int:
     from appliance.pipeline.mammo import (
         DEFAULT_CARD,
         MammoInputError,
+        apply_contralateral,
         infer_image,
         load_session,
         percentile_scale,
@@ -91,12 +92,18 @@ def run(args: argparse.Namespace, ctx: object | None = None) -> int:
             "path": str(path),
             "abnormal_probability": round(result.abnormal_probability, 6),
             "malignant_probability": round(result.malignant_probability, 6),
-            "above_threshold": result.abnormal_probability >= threshold,
+            "result": result,  # decision score and pairing filled in once every image of the exam is read
             "laterality": result.laterality,
             "laterality_source": result.laterality_source,
             "view": result.view,
             "notes": list(result.notes),
         })
+    apply_contralateral(card, results)  # an image is read against the other breast's same view (card rule)
+    for row in rows:
+        if "result" in row:
+            result = row.pop("result")
+            row.update(decision_probability=round(result.decision_score, 6),
+                       above_threshold=result.decision_score >= threshold, notes=list(result.notes))
     _print_table(rows)
     summary = summarise(results, threshold, f"{card.name} {card.version}") if results else None
     domain = assess_mg(card, gate_inputs).to_json() if results else None

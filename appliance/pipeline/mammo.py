@@ -360,13 +360,20 @@ class MammoImageResult:
     flipped: bool
     notes: tuple[str, ...] = ()
     features: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # the card's features outputs, (F,)
+    # the score the decision thresholds: abnormal_probability, or with a card's contralateral rule the image read
+    # against the same view of the other breast (apply_contralateral fills it and says how in ``notes``)
+    decision_probability: float | None = None
+
+    @property
+    def decision_score(self) -> float:
+        return self.abnormal_probability if self.decision_probability is None else self.decision_probability
 
 
 @dataclass
 class MammoResult:
     images: list[MammoImageResult]
     breasts: dict[str, float]  # laterality -> max abnormal probability over that breast's views
-    exam_score: float  # max over all images
+    exam_score: float  # max over all images of their decision scores
     triage: str  # "suspicious" or "not_suspicious"
     threshold: float
     model: str  # card name and version: every result carries the identity of the model that made it
@@ -411,12 +418,58 @@ def infer_image(loaded: LoadedMammogram, card: ModelCard, session: object, path:
     )
 
 
+def _logit(p: float) -> float:
+    p = min(max(float(p), 1e-6), 1.0 - 1e-6)
+    return math.log(p / (1.0 - p))
+
+
+_OTHER_SIDE = {"L": "R", "R": "L"}
+
+
+def contralateral_scores(images: list[tuple[str, str, float]], weight: float, lone_reference: float
+                         ) -> tuple[list[float], list[str | None]]:
+    """The one pairing rule: each (laterality, view, logit) minus ``weight`` x the other breast's logit.
+
+    The counterpart of a left image is the exam's right images of the same view (several: their mean);
+    views compare case-blind, and an unknown view pairs only with an unknown view. Laterality "B" or "U"
+    has no counterpart. A lone image is set against ``lone_reference``. Returns the combined logits and,
+    per image, the counterpart's "<laterality> <view>" (None when lone).
+    """
+    combined: list[float] = []
+    partners: list[str | None] = []
+    for side, view, value in images:
+        other = _OTHER_SIDE.get(side)
+        match = [v for s, w, v in images if other is not None and s == other and w.upper() == view.upper()]
+        reference = float(np.mean(match)) if match else lone_reference
+        combined.append(value - weight * reference)
+        partners.append(f"{other} {view}" if match else None)
+    return combined, partners
+
+
+def apply_contralateral(card: ModelCard, images: list[MammoImageResult]) -> None:
+    """Give each image its decision score: the image read against the same view of the other breast when the card
+    has a contralateral rule (a lone view against a typical breast, and its notes say so); else its own score."""
+    rule = card.contralateral
+    if rule is None:
+        for image in images:
+            image.decision_probability = image.abnormal_probability
+        return
+    scores, partners = contralateral_scores(
+        [(im.laterality, im.view, _logit(im.abnormal_probability)) for im in images], rule.weight, rule.lone_view_logit)
+    for image, score, partner in zip(images, scores, partners, strict=True):
+        image.decision_probability = float(1.0 / (1.0 + math.exp(-score)))
+        how = (f"read against the {partner} (contralateral weight {rule.weight:g})" if partner else
+               f"no {_OTHER_SIDE.get(image.laterality, 'other-breast')} {image.view} in this exam: image score set against "
+               f"a typical breast (contralateral weight {rule.weight:g})")
+        image.notes = (*image.notes, f"decision score {image.decision_probability:.3f}: {how}")
+
+
 def summarise(images: list[MammoImageResult], threshold: float, model: str) -> MammoResult:
-    """Per-breast and per-exam scores (max over views) and the triage at the threshold."""
+    """Per-breast and per-exam scores (max over views of the decision score) and the triage at the threshold."""
     breasts: dict[str, float] = {}
     for image in images:
-        breasts[image.laterality] = max(breasts.get(image.laterality, 0.0), image.abnormal_probability)
-    exam = max((image.abnormal_probability for image in images), default=0.0)
+        breasts[image.laterality] = max(breasts.get(image.laterality, 0.0), image.decision_score)
+    exam = max((image.decision_score for image in images), default=0.0)
     triage = "suspicious" if exam >= threshold else "not_suspicious"
     return MammoResult(images=images, breasts=breasts, exam_score=exam, triage=triage, threshold=threshold, model=model)
 
@@ -447,4 +500,5 @@ def analyze_mammo_images(
         log.info("mammogram analysed", path=str(path), abnormal=round(result.abnormal_probability, 4),
                  laterality=result.laterality, view=result.view)
         results.append(result)
+    apply_contralateral(card, results)
     return summarise(results, float(threshold), f"{card.name} {card.version}")

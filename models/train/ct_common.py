@@ -9,7 +9,9 @@ and ``appliance.pipeline.sliding_window``), imported, so training and inference 
   * stage 1: the pipeline's Gaussian-weighted sliding window over ``patch_size`` with ``overlap``;
   * stages 2/3: a ``crop_size`` box starting at ``preprocess.crop_box`` (centre - size // 2), padded
     with air (normalised 0) outside.
-The thin wrappers below only adapt the pipeline's Grid/card-based signatures to plain arrays.
+The thin wrappers below only adapt the pipeline's Grid/card-based signatures to plain arrays. The
+activations and metrics (softmax, sigmoid, Dice, AUC, bootstrap) are not here either: the trainers import
+the appliance's one copy (``appliance.pipeline.activations``, ``appliance.pipeline.metrics``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 
 from appliance.modelcard import HuWindow
 from appliance.pipeline import preprocess
+from appliance.pipeline.activations import softmax
 from appliance.pipeline.sliding_window import WindowSpec
 from appliance.pipeline.sliding_window import sliding_window as pipeline_sliding_window
 
@@ -109,19 +112,3 @@ def sliding_window(
     if probs.shape[0] != n_classes:
         raise ValueError(f"the model gave {probs.shape[0]} classes, expected {n_classes}")
     return probs
-
-
-def softmax(x: np.ndarray, axis: int) -> np.ndarray:
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two binary masks; 1.0 when both are empty (nothing to find, nothing found)."""
-    p, t = pred.astype(bool), truth.astype(bool)
-    denom = int(p.sum()) + int(t.sum())
-    return 1.0 if denom == 0 else 2.0 * int((p & t).sum()) / denom

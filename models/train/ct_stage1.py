@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from appliance.pipeline.metrics import dice
 from models.train import ct_trainer
-from models.train.ct_common import ORGAN_NAMES, STAGE1, TRAIN_SEEDS, dice, sliding_window, window
+from models.train.ct_common import ORGAN_NAMES, STAGE1, TRAIN_SEEDS, sliding_window, window
 from models.train.ct_data import collect, pipeline_noise, stage1_training_volume, stage1_volume
 from models.train.ct_export import FEATURES, card_document, recipe
 from models.train.ct_nets import SegmentationWithFeatures, UNet3D, soft_dice_loss

@@ -20,8 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from appliance.pipeline.activations import sigmoid
+from appliance.pipeline.metrics import threshold_for_sensitivity, threshold_for_specificity
 from models.train import ct_trainer
-from models.train.ct_common import CALIB_SEEDS, LESION_CLASSES, STAGE2, TRAIN_SEEDS, sigmoid, window
+from models.train.ct_common import CALIB_SEEDS, LESION_CLASSES, STAGE2, TRAIN_SEEDS, window
 from models.train.ct_data import collect, fine_crops, pipeline_noise, thick_slices, training_lesion
 from models.train.ct_export import FEATURES, card_document, recipe
 from models.train.ct_nets import LesionNet, soft_dice_loss
@@ -112,10 +114,8 @@ def onnx_scores(onnx_path: Path, items: list[dict[str, np.ndarray]]) -> np.ndarr
 def threshold_for(neg: np.ndarray, pos: np.ndarray, target: str, value: float) -> float:
     """The lowest threshold meeting the target on the calibration scores (flag when score >= threshold)."""
     if target == "specificity":
-        k = int(np.ceil(value * len(neg)))  # at least k normals must fall below the threshold
-        return float(np.nextafter(np.sort(neg)[k - 1], 1.0))
-    k = int(np.ceil(value * len(pos)))  # at least k lesions must reach the threshold
-    return float(np.sort(pos)[::-1][k - 1])
+        return threshold_for_specificity(neg, value)
+    return threshold_for_sensitivity(pos, value)
 
 
 def calibrate(onnx_path: Path) -> dict[str, Any]:

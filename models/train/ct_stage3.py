@@ -16,8 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from appliance.pipeline.activations import softmax
 from models.train import ct_trainer
-from models.train.ct_common import CALIB_SEEDS, LESION_CLASSES, STAGE3, TRAIN_SEEDS, softmax, window
+from models.train.ct_common import CALIB_SEEDS, LESION_CLASSES, STAGE3, TRAIN_SEEDS, window
 from models.train.ct_data import collect, fine_crops, pipeline_noise, thick_slices, training_lesion
 from models.train.ct_export import card_document, recipe
 from models.train.ct_nets import LesionClassifier
@@ -120,6 +121,8 @@ def card(info: dict[str, Any], val: dict[str, Any]) -> dict[str, Any]:
             f"{list(LESION_CLASSES)}), crops centred on the true lesion bounding box, true lesion mask as channel 2. "
             f"Calibration seeds {val['calibration_lesion_seeds']}; held-out 200000+."
             + recipe(info["steps"], info["batch"], info["lr"], info["seed"])
+            + (f" This run started from {Path(info['init']).name} (the previous model, trained on an earlier phantom) "
+               f"and trained {info['steps']} more steps on renders of the current phantom." if info.get("init") else "")
         ),
         metrics={"params": float(info["params"]), "train_seconds": info["train_seconds"], **val},
     )

@@ -57,6 +57,10 @@ class Stage(ABC):
     def example(self) -> torch.Tensor:
         """An input of the card's shape for the export and its onnxruntime check."""
 
+    def init_weights(self, model: torch.nn.Module, path: Path) -> None:
+        """Start from earlier weights (``--init``): by default the same network's checkpoint or ONNX file."""
+        load_weights(model, path)
+
     def export_view(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module exported to ONNX (a wrapper adding outputs such as ``features``)."""
         return model
@@ -83,7 +87,7 @@ def train(stage: Stage, n: int, steps: int, batch: int, seed: int, lr: float, in
     print(f"{stage.role}: {len(items)} training items in {t_data:.0f} s {facts}; generator rejected {skipped}", flush=True)
     model = stage.build_model()
     if init is not None:
-        load_weights(model, init)
+        stage.init_weights(model, init)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=stage.weight_decay)
     sched = warmup_cosine(opt, steps)
     model.train()

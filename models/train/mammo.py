@@ -32,12 +32,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from sklearn.metrics import roc_auc_score  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from appliance.logs import get_logger, setup_logging
 from appliance.modelcard import Preprocessing, load_card, sha256_file
-from models.train.mammo_data import MammoDataset, load_dataset, patient_folds
+from appliance.pipeline import metrics
+from appliance.pipeline.activations import sigmoid
+from models.train.mammo_data import MammoDataset, contralateral_logits, load_dataset, patient_folds
 from models.train.mammo_net import HEATMAP_STRIDE, MammoNet, count_parameters
 
 log = get_logger("models.train.mammo")
@@ -421,10 +422,6 @@ def predict_scores(model: MammoNet, images: np.ndarray, tta: bool, batch: int = 
 # evaluation
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
 def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
     """The probability cut that maximises sensitivity + specificity (ties: the lower, more sensitive, cut)."""
     best, best_t = -1.0, 0.5
@@ -446,22 +443,22 @@ def operating_point(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str,
 
 
 def bootstrap_ci(patients: np.ndarray, stat, n_boot: int, seed: int) -> list[float]:
-    """95% percentile interval of stat(index) over patient-level resamples (both breasts travel together)."""
-    rng = np.random.default_rng(seed)
+    """95% percentile interval of stat(index) over patient-level resamples (both breasts travel together):
+    the appliance's one bootstrap (appliance.pipeline.metrics.bootstrap_ci) drawing patients, not images."""
     unique = np.unique(patients)
     rows = {p: np.flatnonzero(patients == p) for p in unique}
-    values = []
-    for _ in range(n_boot):
-        chosen = rng.choice(unique, size=unique.size, replace=True)
-        index = np.concatenate([rows[p] for p in chosen])
-        value = stat(index)
-        if value is not None and np.isfinite(value):
-            values.append(value)
-    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+    def over_patients(chosen: np.ndarray) -> float:
+        value = stat(np.concatenate([rows[p] for p in chosen]))
+        if value is None:
+            raise ValueError("undefined on this resample")  # metrics.bootstrap_ci skips it
+        return value
+
+    return metrics.bootstrap_ci(unique, over_patients, n_boot, seed)
 
 
 def _auc_or_none(y: np.ndarray, p: np.ndarray) -> float | None:
-    return float(roc_auc_score(y, p)) if 0 < y.sum() < y.size else None
+    return metrics.auc(y, p) if 0 < y.sum() < y.size else None
 
 
 def nested_operating_point(y: np.ndarray, p: np.ndarray, folds: np.ndarray) -> dict[str, float]:
@@ -500,8 +497,8 @@ def summarise_cv(data: MammoDataset, folds: np.ndarray, prob: np.ndarray, prob_m
         _auc_or_none(y[folds == k], prob[folds == k]) for k in range(cfg.folds)
     ]
     return {
-        "auc": float(roc_auc_score(y, prob)),
-        "auc_malignant": float(roc_auc_score(ym, prob_mal)),
+        "auc": metrics.auc(y, prob),
+        "auc_malignant": metrics.auc(ym, prob_mal),
         "threshold": threshold,
         **point,
         **ci,
@@ -631,13 +628,17 @@ def feature_size(onnx_path: Path) -> int:
     return int(out.type.tensor_type.shape.dim[1].dim_value)
 
 
-def write_card(out_dir: Path, onnx_path: Path, cv: dict, pre: Preprocessing, params: int, heat_shape: tuple[int, int]) -> Path:
+def write_card(out_dir: Path, onnx_path: Path, cv: dict, pre: Preprocessing, params: int, heat_shape: tuple[int, int],
+               *, version: str = MODEL_VERSION, contralateral: dict | None = None, domain: dict | None = None) -> Path:
+    """The card; ``domain`` (what domain-calibrate measured on the data, not on the model) may be carried over.
+    Operating points are not: they belong to one decision score, and domain-calibrate recomputes them."""
     size = pre.input_size_px
+    paired = " of the paired score (each image read against the other breast's same view)" if contralateral else ""
     card = {
         "schema_version": 1,
         "role": "mammo",
         "name": MODEL_NAME,
-        "version": MODEL_VERSION,
+        "version": version,
         "file": onnx_path.name,
         "inputs": [{"name": "image", "layout": "NCHW", "dtype": "float32", "shape": [1, 1, *size], "channels": ["mammogram"]}],
         "outputs": [
@@ -651,10 +652,12 @@ def write_card(out_dir: Path, onnx_path: Path, cv: dict, pre: Preprocessing, par
             "class_name": "abnormal",
             "threshold": round(cv["threshold"], 6),
             "meaning": (
-                "abnormal probability at or above this flags the image (and its breast and exam) as suspicious "
-                "for review; chosen by Youden's J on patient-level 5-fold cross-validation on mini-MIAS"
+                f"abnormal probability{paired} at or above this flags the image (and its breast and exam) as "
+                "suspicious for review; chosen by Youden's J on patient-level 5-fold cross-validation on mini-MIAS"
             ),
         },
+        **({"domain": domain} if domain else {}),
+        **({"contralateral": contralateral} if contralateral else {}),
         "intended_use": (
             "Research, demonstration and pipeline validation only: exercises the appliance's mammography path "
             "on real images. Not a medical device; must not be used for screening, diagnosis or treatment."
@@ -759,6 +762,141 @@ def contralateral_variants(data_dir: Path, cv_path: Path, n_boot: int = 2000, se
     return out
 
 
+VARIANTS_DIR = Path(__file__).resolve().parents[1] / "data" / "mammo_variants"  # git-ignored (models/data)
+VARIANT_SIZES = (640, 768)  # the same weights read at larger inputs (finer cells for calcifications): test-time multi-scale
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def cv_run_for_variants(data_dir: Path, cfg: TrainConfig, model_seed: int) -> Path:
+    """Cross-validate the shipped recipe once more with other model seeds on the SAME patient folds, keeping each
+    fold's weights and its out-of-fold logits read several ways: with and without the mirror (TTA) and at the
+    larger VARIANT_SIZES. Combined with the shipped run's out-of-fold scores this measures an ensemble of two
+    independently trained models per fold honestly (every image is scored only by models that never saw it)."""
+    seed_everything(cfg.seed, cfg.threads)
+    pre = default_preprocessing(cfg.size)
+    data = load_dataset(data_dir, pre)
+    bigger = {size: load_dataset(data_dir, default_preprocessing(size)).images for size in VARIANT_SIZES}
+    folds = patient_folds(data.records, cfg.folds, cfg.seed)
+    n = len(data.records)
+    out: dict[str, np.ndarray] = {"plain512": np.zeros((n, 2), np.float32), "tta512": np.zeros((n, 2), np.float32),
+                                  **{f"tta{s}": np.zeros((n, 2), np.float32) for s in VARIANT_SIZES}}
+    VARIANTS_DIR.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for k in range(cfg.folds):
+        train_idx, test_idx = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+        seed = model_seed + 1000 * (k + 1)
+        model = new_model(cfg, seed)
+        train_patches(model, data, train_idx, cfg, seed, f"variant fold{k}")
+        model.eval()
+        torch.save(model.state_dict(), VARIANTS_DIR / f"fold{k}_seed{model_seed}.pt")
+        out["plain512"][test_idx] = predict_scores(model, data.images[test_idx], False)
+        out["tta512"][test_idx] = predict_scores(model, data.images[test_idx], True)
+        for size, images in bigger.items():
+            out[f"tta{size}"][test_idx] = predict_scores(model, images[test_idx], True)
+        log.info("variant fold done", fold=k, auc=_auc_or_none(data.abnormal[test_idx], out["tta512"][test_idx, 0]),
+                 wall_s=round(time.perf_counter() - t0, 1))
+    path = VARIANTS_DIR / f"oof_seed{model_seed}.npz"
+    np.savez(path, image_ids=np.array([r.image_id for r in data.records]), folds=folds, **out)
+    return path
+
+
+def variant_table(data_dir: Path, cv_path: Path, runs: list[Path], n_boot: int = 2000, seed: int = 20240601) -> dict:
+    """Every variant's patient-level CV AUC (abnormal vs normal) with its patient-bootstrap 95% CI.
+
+    Scores are combined in logit space. ``shipped`` is mammo_cv.json's out-of-fold run; each of ``runs`` is
+    a cv_run_for_variants file. Contralateral rows choose the weight on the other folds (nested, honest)."""
+    cv = json.loads(cv_path.read_text())
+    records = read_labels_for(data_dir, cv["out_of_fold"])
+    ids = [r.image_id for r in records]
+    y = np.array([r.abnormal for r in records], dtype=float)
+    patients = np.array([r.patient for r in records])
+    folds = np.array([cv["out_of_fold"][i]["fold"] for i in ids])
+    columns: dict[str, np.ndarray] = {"shipped (seed A, mirror TTA, 512)": logit([cv["out_of_fold"][i]["abnormal"] for i in ids])}
+    for path in runs:
+        z = np.load(path)
+        order = {str(i): j for j, i in enumerate(z["image_ids"])}
+        if not np.array_equal(z["folds"][[order[i] for i in ids]], folds):
+            raise ValueError(f"{path}: its folds differ from mammo_cv.json's; variants must share the folds")
+        name = path.stem.replace("oof_", "")
+        for key in [k for k in z.files if k not in ("image_ids", "folds")]:
+            columns[f"{name} {key}"] = z[key][[order[i] for i in ids], 0].astype(np.float64)
+    runs_512 = [c for c in columns if c.endswith("tta512") or c.startswith("shipped")]
+    if len(runs_512) > 1:
+        columns[f"ensemble of {len(runs_512)} runs (tta512)"] = np.mean([columns[c] for c in runs_512], axis=0)
+        multi = [c for c in columns if " tta" in c and not c.startswith("ensemble")]
+        columns[f"ensemble of {len(runs_512)} runs + multi-scale ({len(multi) + 1} readings)"] = np.mean(
+            [columns[c] for c in runs_512] + [columns[c] for c in multi if not c.endswith("tta512")], axis=0)
+
+    def row(score: np.ndarray) -> dict:
+        return {"auc": _auc_or_none(y, score),
+                "auc_ci95": bootstrap_ci(patients, lambda i: _auc_or_none(y[i], score[i]), n_boot, seed)}
+
+    table = {name: row(score) for name, score in columns.items()}
+    for name in [n for n in columns if n.startswith(("shipped", "ensemble"))]:
+        nested, chosen = np.zeros_like(y), {}
+        for k in np.unique(folds):
+            train = folds != k
+            best = max(CONTRALATERAL_WEIGHTS, key=lambda w: _auc_or_none(
+                y[train], contralateral_logits(columns[name][train], patients[train], w)) or 0.0)
+            chosen[int(k)] = best
+            nested[folds == k] = contralateral_logits(columns[name], patients, best)[folds == k]
+        table[f"{name} + contralateral (w nested)"] = {**row(nested), "weights_per_fold": chosen}
+    return {"method": variant_table.__doc__.split("\n\n")[0].strip(), "n_images": len(ids),
+            "n_patients": int(np.unique(patients).size), "variants": table}
+
+
+def ship_contralateral(data_dir: Path, out_dir: Path, version: str) -> dict:
+    """Put the contralateral rule on the shipped model's card, calibrated on its own out-of-fold scores.
+
+    No training and no change to the ONNX file: the weight is the one the nested cross-validation chose in
+    most folds (contralateral_variants), the lone-view logit the median out-of-fold logit of the development
+    images (a typical breast), and the card's threshold Youden's J on the paired out-of-fold scores; the CV
+    record's headline figures become those of the paired score (the image-only ones are kept beside them).
+    """
+    cv_path, card_path = out_dir / "mammo_cv.json", out_dir / "mammo.json"
+    cv = json.loads(cv_path.read_text())
+    nested = contralateral_variants(data_dir, cv_path)["nested"]
+    weights = list(nested["weights_per_fold"].values())
+    weight = float(max(set(weights), key=weights.count))
+    pre = default_preprocessing(int(json.loads(card_path.read_text())["preprocessing"]["input_size_px"][0]))
+    data = load_dataset(data_dir, pre)
+    oof = cv["out_of_fold"]
+    ids = [r.image_id for r in data.records]
+    p_img = np.array([oof[i]["abnormal"] for i in ids])
+    p_mal = np.array([oof[i]["malignant"] for i in ids])
+    folds = np.array([oof[i]["fold"] for i in ids])
+    lone = float(np.median(logit(p_img)))
+    paired = sigmoid(contralateral_logits(logit(p_img), data.patients, weight, lone)).astype(np.float64)
+    cfg = TrainConfig(**{k: (tuple(v) if k == "widths" else v) for k, v in cv["config"].items()})
+    summary = summarise_cv(data, folds, paired, p_mal, cfg)
+    image_only = {k: cv[k] for k in ("auc", "auc_ci95", "threshold", "sensitivity", "specificity", "accuracy",
+                                      "nested_threshold", "auc_per_fold") if k in cv}
+    rule = {"weight": weight, "lone_view_logit": round(lone, 6),
+            "calibration": (f"weight chosen by nested patient-level 5-fold CV on mini-MIAS development images "
+                            f"(per fold {nested['weights_per_fold']}, out of {list(CONTRALATERAL_WEIGHTS)}); lone-view "
+                            f"logit = median out-of-fold logit of the {len(ids)} development images")}
+    cv.update(summary)
+    cv.update({"decision_score": ("each image's abnormal logit minus weight x the logit of the same view of the other "
+                                  "breast (appliance.pipeline.mammo.contralateral_scores), then sigmoid"),
+               "contralateral": rule, "image_only": image_only, "model": f"{MODEL_NAME} {version}"})
+    cv_path.write_text(json.dumps(cv, indent=2) + "\n")
+    old = json.loads(card_path.read_text())
+    heat_shape = (pre.input_size_px[0] // HEATMAP_STRIDE, pre.input_size_px[1] // HEATMAP_STRIDE)
+    write_card(out_dir, out_dir / old["file"], cv, pre, int(cv["parameters"]), heat_shape, version=version,
+               contralateral=rule, domain=old.get("domain"))
+    return {"weight": weight, "lone_view_logit": lone, "auc_paired": summary["auc"], "auc_image_only": image_only.get("auc")}
+
+
+def read_labels_for(data_dir: Path, image_ids: dict) -> list:
+    from models.train.mammo_data import read_labels
+
+    return [r for r in read_labels(data_dir) if r.image_id in image_ids]
+
+
 # ----------------------------------------------------------------------------------------------
 # main
 
@@ -775,7 +913,7 @@ def run(data_dir: Path, out_dir: Path, cfg: TrainConfig, skip_cv: bool = False) 
     if not skip_cv:
         folds, oof, oof_patch = cross_validate(data, cfg)
         cv = summarise_cv(data, folds, sigmoid(oof[:, 0]), sigmoid(oof[:, 1]), cfg)
-        cv["auc_after_patch_phase_only"] = float(roc_auc_score(data.abnormal, oof_patch[:, 0]))
+        cv["auc_after_patch_phase_only"] = metrics.auc(data.abnormal, oof_patch[:, 0])
         cv["out_of_fold"] = {
             rec.image_id: {"fold": int(f), "abnormal": float(p), "malignant": float(q)}
             for rec, f, p, q in zip(data.records, folds, sigmoid(oof[:, 0]), sigmoid(oof[:, 1]), strict=True)
@@ -826,12 +964,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-cv", action="store_true", help="train and export only (no card: the card needs CV figures)")
     parser.add_argument("--add-features", action="store_true",
                         help="no training: give the shipped --out/mammo.onnx its features output and update its card")
+    parser.add_argument("--variant-run", type=int, default=None, metavar="MODEL_SEED",
+                        help="no export: cross-validate once more with this model seed on the same folds, keeping the "
+                             "fold weights and out-of-fold logits (with/without TTA, larger sizes) under models/data")
+    parser.add_argument("--variants", action="store_true",
+                        help="no training: the variant table (ensembles, TTA, multi-scale, contralateral) into mammo_cv.json")
+    parser.add_argument("--ship-contralateral", metavar="VERSION", default=None,
+                        help="no training: put the contralateral rule (nested-CV weight) on the shipped card as VERSION")
     parser.add_argument("--contralateral", action="store_true",
                         help="no training: measure the asymmetry variants on mammo_cv.json's out-of-fold scores")
     args = parser.parse_args(argv)
     setup_logging("info")
     if args.add_features:
         add_features_to_shipped(args.out)
+        return 0
+    if args.ship_contralateral:
+        log.info("contralateral rule shipped", **ship_contralateral(args.data, args.out, args.ship_contralateral))
+        return 0
+    if args.variants:
+        cv_path = args.out / "mammo_cv.json"
+        cv = json.loads(cv_path.read_text())
+        cv["variants"] = variant_table(args.data, cv_path, sorted(VARIANTS_DIR.glob("oof_seed*.npz")))
+        cv_path.write_text(json.dumps(cv, indent=2) + "\n")
+        for name, v in cv["variants"]["variants"].items():
+            log.info("variant", name=name, auc=v["auc"], ci95=v["auc_ci95"])
         return 0
     if args.contralateral:
         cv_path = args.out / "mammo_cv.json"
@@ -844,6 +1000,9 @@ def main(argv: list[str] | None = None) -> int:
                           patch_batch=args.patch_batch, mine_every=args.mine_every, full_epochs=args.full_epochs,
                           threads=args.threads)
     log.info("config", **{k: v for k, v in asdict(cfg).items() if k in ("size", "patch", "patch_batch", "patch_steps", "mine_every", "crop", "threads", "seed")})
+    if args.variant_run is not None:
+        log.info("variant run written", path=str(cv_run_for_variants(args.data, cfg, args.variant_run)))
+        return 0
     run(args.data, args.out, cfg, skip_cv=args.skip_cv)
     return 0
 

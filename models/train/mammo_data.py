@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from appliance.modelcard import Preprocessing
-from appliance.pipeline.mammo import prepare_mammogram, read_mammogram
+from appliance.pipeline.mammo import contralateral_scores, prepare_mammogram, read_mammogram
 
 MIN_RADIUS_PX = 16  # in original pixels (3.2 mm): the smallest labelled circles (3 px) would vanish in the heatmap
 MIAS_SIDE_PX = 1024
@@ -148,3 +148,16 @@ def patient_folds(records: list[Record], n_folds: int, seed: int) -> np.ndarray:
             fold_of[patient] = (i + offset) % n_folds
         offset += len(patients)
     return np.array([fold_of[rec.patient] for rec in records], dtype=np.int64)
+
+
+def contralateral_logits(scores: np.ndarray, patients: np.ndarray, weight: float, lone_reference: float = 0.0) -> np.ndarray:
+    """Each image's logit minus ``weight`` x the logit of its patient's other image, through the appliance's
+    own pairing rule (appliance.pipeline.mammo.contralateral_scores): mini-MIAS holds one MLO per breast."""
+    out = np.array(scores, dtype=np.float64)
+    for patient in np.unique(patients):
+        rows = np.flatnonzero(patients == patient)
+        sides = ["L", "R"] if len(rows) == 2 else ["L"] * len(rows)
+        combined, _ = contralateral_scores([(side, "MLO", float(scores[i])) for side, i in zip(sides, rows, strict=True)],
+                                           weight, lone_reference)
+        out[rows] = combined
+    return out
