@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -98,3 +99,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # no
         terminalreporter.write_line(
             f"{len(_minimias_skipped)} test(s) skipped for lack of the mini-MIAS images; to run them set "
             f"{MINIMIAS_ENV}=/path/to/mini-mias (a folder with labels.csv and mdbNNN.png)", yellow=True)
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether the process has a SIGTERM handler now (/proc/PID/status SigCgt); False once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next((int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:")), 0)
+    return bool(mask >> (signal.SIGTERM - 1) & 1)

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import EDGESCREEN, REPO
+from tests.conftest import EDGESCREEN, REPO, catches_sigterm
 from tests.test_dicom_support import SERVICE_ENV, free_port
 
 SERVICES = ("dicom", "worker", "sync")
@@ -61,6 +61,14 @@ class Box:
             self.procs[name].wait(timeout=30)
 
     def stop_all(self) -> dict[str, int]:
+        # A service restarted a moment ago may still be in the interpreter's own start-up, before any Python
+        # code could install a handler (the CLI installs one first thing): SIGTERM there is death by signal,
+        # which systemd counts as a clean stop (SuccessExitStatus). The drill asks more of the code: from the
+        # moment it runs, a SIGTERM stops it with exit 0.
+        for proc in self.procs.values():
+            deadline = time.monotonic() + 30
+            while proc.poll() is None and not catches_sigterm(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from collections.abc import Sequence
 
 from appliance import RESEARCH_USE_BANNER, __version__
-from appliance.config import ConfigError, load_site_config, resolve_paths
-from appliance.config.load import find_config
-from appliance.logs import setup_logging
 
 # name -> (module, one-line help). Order is the order --help shows.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -68,6 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The long-running services: each installs its own SIGTERM handler once it is running (stop accepting, finish
+# or checkpoint what is in hand, exit 0). Until then a SIGTERM must still be a clean stop, see main().
+SERVICES = frozenset({"dicom", "worker", "sync", "serve", "cloud-receiver"})
+
+
+def _stop_while_starting(signum: int, frame: object) -> None:  # noqa: ARG001 - signal handler signature
+    """SIGTERM before a service's own handler is in place: nothing is received, claimed or sent yet, so exit 0.
+
+    systemd stopping a unit that has just (re)started, or a drill restarting a box, must see a clean stop,
+    not death by signal; the store is crash-safe, so leaving in the middle of its opening loses nothing."""
+    raise SystemExit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -75,7 +86,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    from appliance.context import AppContext  # deferred: keeps --help and --version light
+    if args.command in SERVICES:
+        signal.signal(signal.SIGTERM, _stop_while_starting)
+    # deferred: keeps --help and --version light, and a service's SIGTERM handler (above) in place before the
+    # heavy imports (pydantic, the store) that take most of its start-up
+    from appliance.config import ConfigError, load_site_config, resolve_paths
+    from appliance.config.load import find_config
+    from appliance.context import AppContext
+    from appliance.logs import setup_logging
     from appliance.store import StoreError
 
     try:
