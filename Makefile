@@ -33,7 +33,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
 
-$(VENV)/.runtime: $(BIN)/python pyproject.toml constraints.txt
+$(VENV)/.runtime: $(BIN)/python pyproject.toml setup.py constraints.txt
 	$(PIP_INSTALL) -e .
 	touch $@
 
@@ -70,13 +70,13 @@ lint: $(VENV)/.dev
 # Retrain every reference model (phantoms are rendered on the fly; mini-MIAS is read from $(DATA)).
 # Each trainer is sized for 20 minutes on 2 idle cores (2 torch threads; rendering uses every core).
 models: $(VENV)/.dev
-	$(BIN)/python -m models.train.mammo --data $(DATA) --out models/
-	$(BIN)/python -m models.train.mammo --data $(DATA) --out models/ --contralateral
-	$(BIN)/python -m models.train.ct_stage1
-	$(BIN)/python -m models.train.ct_stage2
-	$(BIN)/python -m models.train.ct_stage3
+	$(BIN)/python -m edgescreen.models.train.mammo --data $(DATA) --out models/
+	$(BIN)/python -m edgescreen.models.train.mammo --data $(DATA) --out models/ --contralateral
+	$(BIN)/python -m edgescreen.models.train.ct_stage1
+	$(BIN)/python -m edgescreen.models.train.ct_stage2
+	$(BIN)/python -m edgescreen.models.train.ct_stage3
 	$(BIN)/edgescreen models evaluate --n 120 --stage1-n 60 --update-cards
-	$(BIN)/python -m models.evaluate_e2e
+	$(BIN)/python -m edgescreen.models.evaluate_e2e
 
 # Long fault drills (make test runs small samples of each).
 # sync (issue 12): 1,000 cloud items exactly once through a faulty proxy to two receivers on PostgreSQL,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from appliance.store import Store
+from edgescreen.appliance.store import Store
 
 ROLES = ("clinician", "technician", "admin")
 ROLE_HELP = {

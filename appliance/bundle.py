@@ -37,9 +37,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from appliance.logs import get_logger
-from appliance.modelcard import sha256_file
-from appliance.store.files import atomic_write, fsync_dir
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.modelcard import sha256_file
+from edgescreen.appliance.store.files import atomic_write, fsync_dir
 
 log = get_logger(__name__)
 
@@ -142,7 +142,7 @@ def key_home(config_path: Path | str | None, data_dir: Path | str) -> Path:
     into a staging root), else the data directory (a developer's machine)."""
     if config_path is not None:
         config_dir = Path(config_path).resolve().parent
-        from appliance.config.load import SYSTEM_CONFIG
+        from edgescreen.appliance.config.load import SYSTEM_CONFIG
 
         if (config_dir / KEYS_DIR).is_dir() or config_dir == SYSTEM_CONFIG.parent:
             return config_dir

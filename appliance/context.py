@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from appliance.config import HardwareProfile, SiteConfig, load_profile
-from appliance.store import Store
+from edgescreen.appliance.config import HardwareProfile, SiteConfig, load_profile
+from edgescreen.appliance.store import Store
 
 
 @dataclass
@@ -37,6 +37,6 @@ class AppContext:
         """
         if self.key_dir is not None:
             return self.key_dir
-        from appliance.bundle import key_home
+        from edgescreen.appliance.bundle import key_home
 
         return key_home(self.config_path, self.data_dir)

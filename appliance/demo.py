@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from appliance import RESEARCH_USE_BANNER
-from appliance.context import AppContext
-from appliance.logs import get_logger
+from edgescreen.appliance import RESEARCH_USE_BANNER
+from edgescreen.appliance.context import AppContext
+from edgescreen.appliance.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -31,7 +31,7 @@ def _wait_port(host: str, port: int, proc: subprocess.Popen, timeout: float = 30
 
 
 def _service(ctx: AppContext, *args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "appliance.cli", "--data-dir", str(ctx.data_dir)]
+    cmd = [sys.executable, "-m", "edgescreen.appliance.cli", "--data-dir", str(ctx.data_dir)]
     if ctx.config_path:
         cmd += ["--config", str(ctx.config_path)]
     return subprocess.Popen(cmd + list(args), start_new_session=True)
@@ -129,7 +129,7 @@ def _cloud_link(ctx: AppContext, procs: list[subprocess.Popen], cloud_port: int,
 
 def run_demo(ctx: AppContext, folders: list[Path], *, web: tuple[str, int], dicom_port: int, send: bool,
              cloud_port: int | None = None, exam_s: float = 45.0) -> int:
-    from appliance.accounts import FIRST_ADMIN, ensure_first_admin
+    from edgescreen.appliance.accounts import FIRST_ADMIN, ensure_first_admin
 
     ae_title = ctx.config.dicom.ae_title
     password = ensure_first_admin(ctx.store)  # printed once below; `serve` then finds a user and prints nothing

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.context import AppContext
+from edgescreen.appliance.context import AppContext
 
 MIN_FREE_GB = 5.0  # below this the store refuses new studies within a day at a busy site
 WARN_FREE_FRACTION = 0.10
@@ -100,7 +100,7 @@ def check_packages(box: Box) -> Check:
 
 
 def check_profile(box: Box) -> Check:
-    from appliance.config import ConfigError
+    from edgescreen.appliance.config import ConfigError
 
     try:
         profile = box.ctx.profile
@@ -158,7 +158,7 @@ def check_disk(box: Box) -> list[Check]:
 
 
 def check_database(box: Box) -> Check:
-    from appliance.store import StoreError
+    from edgescreen.appliance.store import StoreError
 
     try:
         store = box.ctx.store
@@ -209,8 +209,7 @@ def _adjtimex() -> tuple[bool, float] | None:
 
 
 def check_clock(box: Box) -> Check:
-    import appliance
-
+    from edgescreen import appliance
     released = Path(appliance.__file__).stat().st_mtime
     now = time.time()
     if now < released - 86400:
@@ -264,7 +263,7 @@ def check_services(box: Box) -> list[Check]:
 
 
 def _tcp(host: str, port: int) -> tuple[bool, str]:
-    from appliance.sdnotify import tcp_accepts
+    from edgescreen.appliance.sdnotify import tcp_accepts
 
     return tcp_accepts(host, port, timeout_s=NET_TIMEOUT_S)
 
@@ -358,7 +357,7 @@ def check_ups(box: Box) -> Check:
     if not cfg.nut_host:
         return warn("ups", "no UPS configured: the box cannot tell mains from battery and runs as on mains",
                     "connect the UPS, run NUT's upsd, set [power] nut_host (and nut_ups)")
-    from appliance.power.nut import NutPowerSource
+    from edgescreen.appliance.power.nut import NutPowerSource
 
     reading = NutPowerSource(cfg.nut_host, cfg.nut_port, cfg.nut_ups, username=cfg.nut_username,
                              password=cfg.nut_password).read()
@@ -382,9 +381,9 @@ def check_ups(box: Box) -> Check:
 
 
 def check_bundle(box: Box) -> Check:
-    from appliance.bundle import BundleError, verify_bundle
-    from appliance.bundle_match import mismatches
-    from appliance.selftest import active_bundle
+    from edgescreen.appliance.bundle import BundleError, verify_bundle
+    from edgescreen.appliance.bundle_match import mismatches
+    from edgescreen.appliance.selftest import active_bundle
 
     bundle = active_bundle(box.ctx)
     if bundle is None:
@@ -407,7 +406,7 @@ def check_bundle(box: Box) -> Check:
 
 
 def check_keys(box: Box) -> Check:
-    from appliance.bundle import key_paths
+    from edgescreen.appliance.bundle import key_paths
 
     private, public, _ = key_paths(box.ctx.key_home)
     legacy, _, _ = key_paths(box.ctx.data_dir)
@@ -435,12 +434,12 @@ def check_keys(box: Box) -> Check:
 
 
 def check_backends(box: Box) -> list[Check]:
-    from appliance.runtime import available_backends
+    from edgescreen.appliance.runtime import available_backends
 
     used = {"onnxruntime"}
     try:
-        from appliance.bundle import verify_bundle
-        from appliance.selftest import active_bundle
+        from edgescreen.appliance.bundle import verify_bundle
+        from edgescreen.appliance.selftest import active_bundle
 
         bundle = active_bundle(box.ctx)
         if bundle is not None:
@@ -461,7 +460,7 @@ def check_backends(box: Box) -> list[Check]:
 
 
 def check_selftest(box: Box) -> Check:
-    from appliance.selftest import last_run
+    from edgescreen.appliance.selftest import last_run
 
     last = last_run(box.ctx.data_dir)
     if last is None:
@@ -507,7 +506,7 @@ def check_cloud(box: Box) -> Check:
     last = "never"
     pending = failed = 0
     try:
-        from appliance.sync.status import summary
+        from edgescreen.appliance.sync.status import summary
 
         cloud = summary(box.ctx.store)["cloud"]
         pending, failed = cloud["pending"], cloud["failed"]
@@ -554,7 +553,7 @@ def check_web_exposure(box: Box) -> Check:
 
 
 def check_retention(box: Box) -> Check:
-    from appliance.store.retention import plan
+    from edgescreen.appliance.store.retention import plan
 
     policy = box.ctx.config.retention
     try:

@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.config.load import SERVICE_USER, SYSTEM_CONFIG, SYSTEM_DATA_DIR
-from appliance.logs import get_logger
+from edgescreen.appliance.config.load import SERVICE_USER, SYSTEM_CONFIG, SYSTEM_DATA_DIR
+from edgescreen.appliance.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -155,7 +155,7 @@ class Installer:
 
     def file(self, target: Path | str, data: bytes, mode: int, *, service: bool = False,
              group_service: bool = False) -> bool:
-        from appliance.store.files import atomic_write
+        from edgescreen.appliance.store.files import atomic_write
 
         path = self.path(target)
         uid, gid = self.owner(service)
@@ -218,7 +218,7 @@ def _executable() -> list[str]:
     script = Path(sys.executable).parent / "edgescreen"
     if script.is_file() and os.access(script, os.X_OK):
         return [str(script)]
-    return [sys.executable, "-m", "appliance.cli"]
+    return [sys.executable, "-m", "edgescreen.appliance.cli"]
 
 
 # -------------------------------------------------------------------------------------------- steps
@@ -302,8 +302,8 @@ def step_site_config(inst: Installer, opts: Options, profile_name: str, config_d
     import tomli_w
     from pydantic import ValidationError
 
-    from appliance.config.load import describe_error
-    from appliance.config.site import SiteConfig
+    from edgescreen.appliance.config.load import describe_error
+    from edgescreen.appliance.config.site import SiteConfig
 
     target = config_dir / "site.toml"
     path = inst.path(target)
@@ -331,8 +331,8 @@ def _move_legacy_keys(inst: Installer, config_dir: Path, data_dir: Path) -> str 
     """Before this layout the signing key lived in <data_dir>/keys, readable by every service: move it out
     (bundles it signed still verify), or, if this box already has a key here, trust the old one's public half
     and delete its private half."""
-    from appliance.bundle import fingerprint, key_paths, load_private_key
-    from appliance.store.files import atomic_write
+    from edgescreen.appliance.bundle import fingerprint, key_paths, load_private_key
+    from edgescreen.appliance.store.files import atomic_write
 
     old_private, old_public, old_trusted = key_paths(inst.path(data_dir))
     private, _, trusted = key_paths(inst.path(config_dir))
@@ -357,7 +357,13 @@ def _move_legacy_keys(inst: Installer, config_dir: Path, data_dir: Path) -> str 
 
 
 def step_keys(inst: Installer, opts: Options, config_dir: Path, data_dir: Path) -> Step:
-    from appliance.bundle import PRIVATE_KEY, PUBLIC_KEY, ensure_signing_key, fingerprint, load_public_key
+    from edgescreen.appliance.bundle import (
+        PRIVATE_KEY,
+        PUBLIC_KEY,
+        ensure_signing_key,
+        fingerprint,
+        load_public_key,
+    )
 
     home = inst.path(config_dir)
     keys = home / "keys"
@@ -471,8 +477,14 @@ def _bundle_candidates(paths: list[Path]) -> list[Path]:
 def step_bundle(inst: Installer, opts: Options, profile: Any, profile_ref: str, config_path: Path, data_dir: Path,
                 say: Callable[[str], None]) -> Step:
     """The active bundle: kept when it verifies and fits; else a matching prebuilt one; else built here."""
-    from appliance.bundle import BundleError, current_bundle, install_bundle, load_trusted_keys, verify_bundle
-    from appliance.bundle_match import mismatches
+    from edgescreen.appliance.bundle import (
+        BundleError,
+        current_bundle,
+        install_bundle,
+        load_trusted_keys,
+        verify_bundle,
+    )
+    from edgescreen.appliance.bundle_match import mismatches
 
     home = inst.path(config_path.parent)
     staged_data = inst.path(data_dir)
@@ -508,7 +520,7 @@ def step_bundle(inst: Installer, opts: Options, profile: Any, profile_ref: str, 
     except NoCalibrationImages:
         # a field box has no mammography images to calibrate with: optimise the CT models, and the mammography
         # model runs as the FP32 reference (the worker falls back to it per role)
-        from appliance.selftest import PIPELINE_ROLES
+        from edgescreen.appliance.selftest import PIPELINE_ROLES
 
         say("no mammography calibration images on this box (mini-MIAS): optimising the CT models only; "
             "mammography runs on the FP32 reference model (--optimize-arg=--calibration=DIR gives it images)")
@@ -579,7 +591,7 @@ def build_bundle(inst: Installer, profile_ref: str, config_path: Path, data_dir:
     work = Path(cache) / f"build-{time.strftime('%Y%m%dT%H%M%S')}"
     work.mkdir()
     out = work / "bundle"
-    cmd = [sys.executable, "-m", "appliance.cli", "--config", str(inst.path(config_path)), "--data-dir",
+    cmd = [sys.executable, "-m", "edgescreen.appliance.cli", "--config", str(inst.path(config_path)), "--data-dir",
            str(inst.path(data_dir)), "optimize", "--profile", profile_ref, "--out", str(out), "--cache", str(cache / "optimize"), *extra]
     # the optimiser runs as root: its telemetry consent file is root's, in the root being provisioned
     env = {**os.environ, "HOME": str(inst.path(Path("/root"))), "PYTHONUNBUFFERED": "1"}
@@ -587,8 +599,7 @@ def build_bundle(inst: Installer, profile_ref: str, config_path: Path, data_dir:
     lines: list[str] = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                           preexec_fn=_die_with_parent) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
+        for line in proc.stdout or ():  # PIPE: always a stream
             lines.append(line.rstrip())
             progress.feed(line.strip())
         code = proc.wait()
@@ -619,7 +630,7 @@ def step_first_admin(inst: Installer, data_dir: Path) -> tuple[Step, str | None]
         wal = wal_path.exists() and wal_path.stat().st_size > 0
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro{'' if wal else '&immutable=1'}", uri=True)) as conn:
             try:
-                from appliance.store.migrations import MIGRATIONS
+                from edgescreen.appliance.store.migrations import MIGRATIONS
 
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 users = conn.execute("SELECT COUNT(*) FROM users").fetchone()[0]
@@ -627,8 +638,8 @@ def step_first_admin(inst: Installer, data_dir: Path) -> tuple[Step, str | None]
                 version, users = -1, 0
         if users and version == len(MIGRATIONS):
             return Step("first admin", False, "users exist already; manage them with `edgescreen users`"), None
-    from appliance.accounts import ensure_first_admin
-    from appliance.store import Store
+    from edgescreen.appliance.accounts import ensure_first_admin
+    from edgescreen.appliance.store import Store
 
     store = Store(inst.path(data_dir))
     try:
@@ -646,8 +657,8 @@ def step_first_admin(inst: Installer, data_dir: Path) -> tuple[Step, str | None]
 
 def staged_context(inst: Installer, config_path: Path, data_dir: Path, profile_override: str | None = None) -> Any:
     """An AppContext for the installed appliance, whether live or in a staging root."""
-    from appliance.config.load import load_site_config
-    from appliance.context import AppContext
+    from edgescreen.appliance.config.load import load_site_config
+    from edgescreen.appliance.context import AppContext
 
     path = inst.path(config_path)
     return AppContext(config=load_site_config(path), data_dir=inst.path(data_dir), config_path=path,
@@ -655,7 +666,7 @@ def staged_context(inst: Installer, config_path: Path, data_dir: Path, profile_o
 
 
 def provision(opts: Options, *, say: Callable[[str], None] = print) -> Outcome:
-    from appliance.config.load import ConfigError, load_profile
+    from edgescreen.appliance.config.load import ConfigError, load_profile
 
     if os.geteuid() != 0:
         raise ProvisionError("provisioning creates a system user, root-owned keys and systemd units: run it as root "
@@ -696,14 +707,14 @@ def provision(opts: Options, *, say: Callable[[str], None] = print) -> Outcome:
     record(step)
     if inst.live:
         check_service_can_run(opts.service_user)
-    from appliance.selftest import last_run
+    from edgescreen.appliance.selftest import last_run
 
     last = None if opts.skip_selftest else last_run(inst.path(data_dir))
     # run when anything changed, when asked, and whenever the last run did not pass (a box is not done until it does)
     due = out.changed or opts.force_selftest or last is None or not last.get("passed")
     if not opts.skip_selftest and due:
-        from appliance.selftest import record as record_selftest
-        from appliance.selftest import run_selftest
+        from edgescreen.appliance.selftest import record as record_selftest
+        from edgescreen.appliance.selftest import run_selftest
 
         say("self-test: golden phantom cases through DICOM, the worker and the outputs (about a minute or two)")
         ctx = staged_context(inst, config_path, data_dir)

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from appliance.logs import get_logger
+from edgescreen.appliance.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -144,7 +144,7 @@ def http_ok(host: str, port: int, path: str = "/healthz", timeout_s: float = 5.0
 
 def dicom_health(store, host: str, port: int, beat_every_s: float) -> tuple[bool, str]:  # noqa: ANN001 - Store
     """The DICOM service's own loops: its heartbeat thread wrote the store lately and its port accepts."""
-    from appliance.store import heartbeat
+    from edgescreen.appliance.store import heartbeat
 
     beat = heartbeat.read(store, "dicom")
     age = time.time() - beat["beat_at"] if beat else None

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.logs import get_logger
+from edgescreen.appliance.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -60,11 +60,11 @@ class GoldenCase:
     def render(self, out_dir: Path) -> Path:
         """Write the case's DICOM files (deterministic in the seed) into out_dir."""
         if self.pipeline == "pancreas":
-            from models.phantom.ct import write_ct_study
+            from edgescreen.models.phantom.ct import write_ct_study
 
             write_ct_study(out_dir, self.seed, lesion=self.lesion, slices=self.slices)
         else:
-            from models.phantom.mg import write_mg_exam
+            from edgescreen.models.phantom.mg import write_mg_exam
 
             write_mg_exam(out_dir, self.seed, finding=self.lesion)
         return out_dir
@@ -164,7 +164,7 @@ def compare(expected: Any, actual: Any, path: str = "") -> list[str]:
 
 
 def _public_keys(key_path: Path) -> list[Any]:
-    from appliance.bundle import load_private_key
+    from edgescreen.appliance.bundle import load_private_key
 
     return [load_private_key(key_path).public_key()]
 
@@ -177,9 +177,9 @@ def write_expected_findings(bundle_dir: Path | str, key_path: Path | str, *, thr
     Called by the optimiser right after it signs a bundle. Pipelines the bundle does not fully hold are
     listed as skipped (a bundle of toy models in a test, or one optimised for CT only).
     """
-    from appliance.bundle import EXPECTED_FINDINGS, EXPECTED_SIGNATURE, sign_bytes, verify_bundle
-    from appliance.pipeline.analyze import AnalysisRequest, AnalysisSettings, analyze_study
-    from appliance.store.files import atomic_write
+    from edgescreen.appliance.bundle import EXPECTED_FINDINGS, EXPECTED_SIGNATURE, sign_bytes, verify_bundle
+    from edgescreen.appliance.pipeline.analyze import AnalysisRequest, AnalysisSettings, analyze_study
+    from edgescreen.appliance.store.files import atomic_write
 
     bundle = Path(bundle_dir)
     manifest = verify_bundle(bundle, _public_keys(Path(key_path)))
@@ -224,7 +224,12 @@ def load_expected(bundle_dir: Path | str, trusted_keys: Any) -> dict[str, Any]:
 
     from cryptography.exceptions import InvalidSignature
 
-    from appliance.bundle import EXPECTED_FINDINGS, EXPECTED_SIGNATURE, fingerprint, load_trusted_keys
+    from edgescreen.appliance.bundle import (
+        EXPECTED_FINDINGS,
+        EXPECTED_SIGNATURE,
+        fingerprint,
+        load_trusted_keys,
+    )
 
     bundle = Path(bundle_dir)
     keys = load_trusted_keys(trusted_keys) if isinstance(trusted_keys, (str, Path)) else list(trusted_keys)
@@ -293,7 +298,7 @@ class SelftestResult:
 
 def active_bundle(ctx: Any) -> Path | None:
     """The bundle the worker would use: the site config's, else the installed current one."""
-    from appliance.bundle import current_bundle
+    from edgescreen.appliance.bundle import current_bundle
 
     if ctx.config.hardware.bundle:
         return Path(ctx.config.hardware.bundle)
@@ -302,8 +307,8 @@ def active_bundle(ctx: Any) -> Path | None:
 
 def _scratch_context(ctx: Any, scratch: Path, bundle: Path) -> Any:
     """A throwaway appliance: DICOM on loopback only, no waiting for a quiet scanner, the real profile and bundle."""
-    from appliance.config.site import SiteConfig
-    from appliance.context import AppContext
+    from edgescreen.appliance.config.site import SiteConfig
+    from edgescreen.appliance.context import AppContext
 
     config = SiteConfig.model_validate({
         "site": {"name": "edgescreen self-test"},
@@ -327,8 +332,8 @@ def _free_port() -> int:
 
 def _receive(sctx: Any, folders: list[Path], timeout_s: float) -> None:
     """Run the real DICOM service on loopback, send the folders as a scanner would, wait for their jobs."""
-    from appliance.demo import send_folders
-    from appliance.dicom.scp import DicomService
+    from edgescreen.appliance.demo import send_folders
+    from edgescreen.appliance.dicom.scp import DicomService
 
     dicom = sctx.config.dicom.model_copy(update={"port": _free_port()})
     service = DicomService(sctx.store, sctx.config.model_copy(update={"dicom": dicom}))
@@ -353,9 +358,9 @@ def _analyse(sctx: Any, timeout_s: float) -> None:
     """The real worker loop until the queue is empty; the scanner switch says idle and every job is run-now
     (a technician's explicit test, as the staff's run-now override: grace periods and battery thresholds
     do not hold it back)."""
-    from appliance.scheduler.scanner import set_manual
-    from appliance.scheduler.worker import Worker
-    from appliance.store import jobs
+    from edgescreen.appliance.scheduler.scanner import set_manual
+    from edgescreen.appliance.scheduler.worker import Worker
+    from edgescreen.appliance.store import jobs
 
     set_manual(sctx.store, "idle", actor="selftest")
     for row in sctx.store.query("SELECT id FROM jobs WHERE state = 'queued'"):
@@ -391,7 +396,7 @@ def _study_uid(folder: Path) -> str:
 def run_selftest(ctx: Any, *, bundle: Path | None = None, keep: Path | None = None,
                  progress: Callable[[str], None] | None = None, timeout_s: float = 1800.0) -> SelftestResult:
     """Run every golden case the bundle has expectations for; never raises for a failed case."""
-    from appliance.bundle import BundleError, verify_bundle
+    from edgescreen.appliance.bundle import BundleError, verify_bundle
 
     say = progress or (lambda _msg: None)
     started = time.monotonic()
@@ -464,7 +469,7 @@ def run_selftest(ctx: Any, *, bundle: Path | None = None, keep: Path | None = No
 
 def record(data_dir: Path, result: SelftestResult) -> Path:
     """Keep the outcome for `edgescreen doctor` (the only file the self-test writes in the data dir)."""
-    from appliance.store.files import atomic_write_text
+    from edgescreen.appliance.store.files import atomic_write_text
 
     return atomic_write_text(Path(data_dir) / LAST_RUN, json.dumps(result.as_dict(), indent=2) + "\n")
 

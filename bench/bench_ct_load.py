@@ -60,7 +60,7 @@ def baseline_raw(paths: list[Path]) -> np.ndarray:
 
 
 def contender(paths: list[Path], workers: int | None) -> np.ndarray:
-    from appliance.pipeline.ctload import load_ct_series
+    from edgescreen.appliance.pipeline.ctload import load_ct_series
 
     return load_ct_series(paths, workers=workers).hu
 
@@ -87,7 +87,7 @@ sys.path.insert(0, {str(REPO)!r})
 if not {reference!r}:
     from tests.test_pancreas_pipeline import write_test_models
     write_test_models(Path({str(models)!r}))
-from appliance.pipeline.analyze import AnalysisRequest, analyze_study
+from edgescreen.appliance.pipeline.analyze import AnalysisRequest, analyze_study
 paths = [Path(p) for p in json.loads(sys.argv[1])]
 f = analyze_study(AnalysisRequest(paths, Path({str(OUT / 'analyze')!r}), models_dir=Path({str(models)!r})))
 hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")]

@@ -26,7 +26,7 @@ from bench.results_io import machine, write_section  # noqa: E402
 CHILD = """
 import time
 from pathlib import Path
-from appliance.pipeline.analyze import AnalysisRequest, analyze_study
+from edgescreen.appliance.pipeline.analyze import AnalysisRequest, analyze_study
 study, out, bundle = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] or None
 runs = []
 for i in range(2):

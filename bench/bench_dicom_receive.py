@@ -48,7 +48,7 @@ def make_series(directory: Path, slices: int) -> list[Path]:
         return files
     shutil.rmtree(directory, ignore_errors=True)
     print(f"writing a {slices}-slice phantom CT series to {directory} (once; reused later)", flush=True)
-    from models.phantom.ct import write_ct_study
+    from edgescreen.models.phantom.ct import write_ct_study
 
     write_ct_study(directory, seed=7, slices=slices)
     return sorted(directory.glob("CT*.dcm"))
@@ -117,8 +117,8 @@ def run_edgescreen(series_dir: Path, data: Path, fsync_dir: str) -> tuple[float,
 
 
 def sqlite_cost(work: Path, n: int = 300) -> dict[str, float]:
-    from appliance.store import Store
-    from appliance.store.instances import IncomingInstance, _index
+    from edgescreen.appliance.store import Store
+    from edgescreen.appliance.store.instances import IncomingInstance, _index
 
     out = {}
     for mode in ("FULL", "NORMAL"):

@@ -30,7 +30,7 @@ from bench.results_io import machine, write_section  # noqa: E402
 
 def run(series_dir: Path, data: Path, path: str) -> float:
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--data-dir", str(data), "--log-level", "warning",
+    proc = subprocess.Popen([sys.executable, "-m", "edgescreen.appliance.cli", "--data-dir", str(data), "--log-level", "warning",
                              "dicom", "--port", str(port), "--ae-title", "EDGE", "--allow-any-ae", "--min-free-mb", "0",
                              "--stable-after", "3600", "--receive-path", path],
                             cwd=REPO, env={"EDGESCREEN_CONFIG": "", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     import pynetdicom
 
-    from appliance.dicom import fastpath
+    from edgescreen.appliance.dicom import fastpath
 
     if not fastpath.available():
         print(f"pynetdicom {pynetdicom.__version__} is not a release the fast path was validated against "

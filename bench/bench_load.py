@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 from bench.results_io import machine, write_section  # noqa: E402
 
 ENV = {**os.environ, "EDGESCREEN_CONFIG": "", "PYTHONPATH": str(REPO)}
-CLI = [sys.executable, "-m", "appliance.cli"]
+CLI = [sys.executable, "-m", "edgescreen.appliance.cli"]
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
@@ -126,7 +126,7 @@ def receive_phase(work: Path, dirs: list[Path]) -> dict:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
-    from appliance.store import Store
+    from edgescreen.appliance.store import Store
 
     store = Store(data_dir)
     rows = store.query("SELECT path, size FROM instances")
@@ -211,9 +211,9 @@ def queue_and_api_phase(work: Path, ct_dir: Path, clients: int, seconds: float, 
                          env=ENV, check=True, capture_output=True, text=True).stdout
     token = out.strip().splitlines()[-1].strip()
     # the real study: ingested like an upload, queued, marked urgent so it runs ahead of the 1,000 waiting
-    from appliance.config.site import Dicom
-    from appliance.dicom.ingest import Ingestor, ingest_file, queue_series
-    from appliance.store import Store, jobs
+    from edgescreen.appliance.config.site import Dicom
+    from edgescreen.appliance.dicom.ingest import Ingestor, ingest_file, queue_series
+    from edgescreen.appliance.store import Store, jobs
 
     store = Store(data_dir)
     ingestor = Ingestor(store, Dicom(min_free_mb=0))

@@ -24,7 +24,7 @@ from bench.results_io import machine, write_section  # noqa: E402
 CHILD = """
 import time
 from pathlib import Path
-from appliance.pipeline.analyze import AnalysisRequest, analyze_study
+from edgescreen.appliance.pipeline.analyze import AnalysisRequest, analyze_study
 exam, out, bundle, n = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] or None, int(sys.argv[4])
 totals, timings = [], []
 for i in range(n + 1):

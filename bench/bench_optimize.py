@@ -29,21 +29,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from appliance.bundle import verify_bundle  # noqa: E402
-from appliance.config import load_profile  # noqa: E402
-from appliance.modelcard import load_card  # noqa: E402
 from bench.harness import truncate  # noqa: E402
 from bench.results_io import machine, write_section  # noqa: E402
-from optimize.benchmark import BenchResult, run_in_subprocess  # noqa: E402
-from optimize.calibration import build_cases  # noqa: E402
-from optimize.run import fixed_input_shapes  # noqa: E402
+from edgescreen.appliance.bundle import verify_bundle  # noqa: E402
+from edgescreen.appliance.config import load_profile  # noqa: E402
+from edgescreen.appliance.modelcard import load_card  # noqa: E402
+from edgescreen.optimize.benchmark import BenchResult, run_in_subprocess  # noqa: E402
+from edgescreen.optimize.calibration import build_cases  # noqa: E402
+from edgescreen.optimize.run import fixed_input_shapes  # noqa: E402
 
 OUT = REPO / "bench" / "out"
 BUDGET_S = 15 * 60
 
 
 def optimise(profile: str, data_dir: Path, out: Path, extra: list[str]) -> float:
-    cmd = [sys.executable, "-m", "appliance.cli", "--data-dir", str(data_dir), "optimize", "--profile", profile,
+    cmd = [sys.executable, "-m", "edgescreen.appliance.cli", "--data-dir", str(data_dir), "optimize", "--profile", profile,
            "--out", str(out), "--cache", str(OUT / "cache"), *extra]
     print("$", " ".join(cmd), flush=True)
     start = time.monotonic()
@@ -123,7 +123,7 @@ def measure_volume(card, card_path: Path, source: Path, bundle: Path, entry, ext
                    profile) -> dict:  # noqa: ANN001
     """A whole held-out volume through the appliance's sliding window: the bundle's window and artifact
     against ORT FP32 as the card tiles it (one tile per call), alternating fresh processes."""
-    from optimize.window import Window, volume_cases
+    from edgescreen.optimize.window import Window, volume_cases
 
     case = volume_cases(card, 1, OUT / "cache")[0]
     inputs = {k: v[None] for k, v in case.image.items()}

@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.phantom.ct import generate_ct_volume, write_ct_series  # noqa: E402
-from models.phantom.mg import write_mg_exam  # noqa: E402
+from edgescreen.models.phantom.ct import generate_ct_volume, write_ct_series  # noqa: E402
+from edgescreen.models.phantom.mg import write_mg_exam  # noqa: E402
 
 
 def _timed(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - a tiny timing helper

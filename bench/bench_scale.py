@@ -69,7 +69,7 @@ def dicom_start(data_dir: Path, log_path: Path) -> dict:
     env = {**os.environ, "EDGESCREEN_CONFIG": "", "PYTHONPATH": str(REPO)}
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--data-dir", str(data_dir), "dicom", "--port",
+        proc = subprocess.Popen([sys.executable, "-m", "edgescreen.appliance.cli", "--data-dir", str(data_dir), "dicom", "--port",
                                  str(port), "--bind", "127.0.0.1", "--allow-any-ae", "--stable-after", "3600"],
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     ae = AE(ae_title="BENCH")
@@ -118,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generating {args.studies} studies in {args.data_dir} ...", file=sys.stderr)
         print(json.dumps(generate(args.data_dir, studies=args.studies, ct_slices=args.ct_slices)), file=sys.stderr)
 
-    from appliance.config.site import SiteConfig
-    from appliance.context import AppContext
-    from appliance.scheduler.live import LiveGate
-    from appliance.store import Store, jobs
-    from appliance.store.worklist import WorklistQuery, query_worklist
+    from edgescreen.appliance.config.site import SiteConfig
+    from edgescreen.appliance.context import AppContext
+    from edgescreen.appliance.scheduler.live import LiveGate
+    from edgescreen.appliance.store import Store, jobs
+    from edgescreen.appliance.store.worklist import WorklistQuery, query_worklist
 
     t0 = time.perf_counter()
     store = Store(args.data_dir)
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     # -- the DICOM service's start ----------------------------------------------------------------
     store.close()
     t0 = time.perf_counter()  # the same-run baseline under the process start: its imports alone
-    subprocess.run([sys.executable, "-c", "import appliance.cli as c; c.build_parser(); import appliance.dicom.scp"],
+    subprocess.run([sys.executable, "-c", "import edgescreen.appliance.cli as c; c.build_parser(); import edgescreen.appliance.dicom.scp"],
                    cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
     figures["dicom_imports_s"] = round(time.perf_counter() - t0, 3)
     s = Store(args.data_dir)

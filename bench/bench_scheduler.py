@@ -38,7 +38,7 @@ def main() -> int:
     for trace in sorted(TRACES.glob("*.json")):
         out = work / f"{trace.stem}.json"
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "appliance.cli", "--data-dir", str(work / "data"), "--profile",
+        proc = subprocess.run([sys.executable, "-m", "edgescreen.appliance.cli", "--data-dir", str(work / "data"), "--profile",
                                args.profile, "simulate", str(trace), "--json", str(out), "--svg",
                                str(work / f"{trace.stem}.svg")], capture_output=True, text=True, cwd=REPO)
         wall = time.perf_counter() - start

@@ -47,16 +47,16 @@ sys.path.insert(0, str(REPO))
 from bench.harness import stop_process  # noqa: E402
 from bench.results_io import machine, write_section  # noqa: E402
 
-EDGESCREEN = [sys.executable, "-m", "appliance.cli"]
+EDGESCREEN = [sys.executable, "-m", "edgescreen.appliance.cli"]
 ENV = {**os.environ, "EDGESCREEN_CONFIG": "", "PYTHONPATH": str(REPO)}
 BODY = {"schema_version": 1, "pipeline": "pancreas", "triage": "suspicious", "abnormal_probability": 0.9,
         "threshold": 0.5, "lesions": [], "models": []}
 
 
 def _service(data_dir: Path, url: str, **sync: object):  # noqa: ANN202
-    from appliance.config.site import SiteConfig
-    from appliance.context import AppContext
-    from appliance.sync.service import SyncService
+    from edgescreen.appliance.config.site import SiteConfig
+    from edgescreen.appliance.context import AppContext
+    from edgescreen.appliance.sync.service import SyncService
 
     config = SiteConfig.model_validate({"sync": {"url": url, "heartbeat_s": 86400, **sync}})
     return SyncService(AppContext(config=config, data_dir=data_dir))
@@ -184,8 +184,8 @@ def throughput(root: Path, src: Path, items: int, rounds: int) -> dict[str, obje
 
 # -- a clinic day's backlog after the link comes back -------------------------------------------------
 def backlog(root: Path, seg: Path, sr: Path, studies: int) -> dict[str, object]:
-    from appliance.store import Store, outbox
-    from appliance.store.outbox import OutboxItem
+    from edgescreen.appliance.store import Store, outbox
+    from edgescreen.appliance.store.outbox import OutboxItem
 
     box = root / "backlog"
     store = Store(box)
@@ -237,7 +237,7 @@ def backlog(root: Path, seg: Path, sr: Path, studies: int) -> dict[str, object]:
 ANALYSIS = """
 import time
 from pathlib import Path
-from appliance.pipeline.analyze import AnalysisRequest, analyze_study
+from edgescreen.appliance.pipeline.analyze import AnalysisRequest, analyze_study
 study, out = Path(sys.argv[1]), Path(sys.argv[2])
 runs = []
 for i in range(2):
@@ -287,7 +287,7 @@ class ApiPoller:
 TILES = """
 import time
 import numpy as np
-from appliance.pipeline.analyze import default_models_dir, load_models, resolve_models
+from edgescreen.appliance.pipeline.analyze import default_models_dir, load_models, resolve_models
 seconds = float(sys.argv[1])
 choices, _, _ = resolve_models(("pancreas.stage2",), default_models_dir(), None, "onnxruntime")
 model = load_models(choices, None, 1)["pancreas.stage2"]
@@ -303,7 +303,7 @@ print(json.dumps({"samples": samples}))
 
 
 def _backlog_items(tag: str, studies: int, seg: Path, sr: Path) -> list:
-    from appliance.store.outbox import OutboxItem
+    from edgescreen.appliance.store.outbox import OutboxItem
 
     return [it for s in range(studies) for it in (
         OutboxItem("cloud.finding", f"cloud.finding:{tag}s{s}", {"study_uid": "1.2.3", "phi": False,
@@ -316,9 +316,9 @@ def _backlog_items(tag: str, studies: int, seg: Path, sr: Path) -> list:
 
 def tiles(root: Path, seg: Path, sr: Path, window_s: float, windows: int, studies: int) -> dict[str, object]:
     """Tile-batch time and API latency with the sync service draining (running) or not (SIGSTOPped)."""
-    from appliance import accounts
-    from appliance.store import Store, outbox
     from bench.harness import run_child
+    from edgescreen.appliance import accounts
+    from edgescreen.appliance.store import Store, outbox
 
     box = root / "tiles-box"
     store = Store(box)
@@ -425,12 +425,12 @@ def interference(root: Path, slices: int, rounds: int, backlog_studies: int) -> 
     the nice and idle I/O class alone); the same backlog is waiting each time. The analysis time is the job's
     findings timings_s.total; the web API is polled meanwhile."""
 
-    from appliance import accounts
-    from appliance.config.site import Dicom
-    from appliance.dicom.ingest import Ingestor, ingest_file, queue_series
-    from appliance.scheduler.scanner import set_manual
-    from appliance.store import Store, outbox
     from bench.harness import ct_series, run_child
+    from edgescreen.appliance import accounts
+    from edgescreen.appliance.config.site import Dicom
+    from edgescreen.appliance.dicom.ingest import Ingestor, ingest_file, queue_series
+    from edgescreen.appliance.scheduler.scanner import set_manual
+    from edgescreen.appliance.store import Store, outbox
 
     study = ct_series(slices)
     warm = root / "warmup"

@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 from bench.harness import stop_process  # noqa: E402
 from bench.results_io import machine, write_section  # noqa: E402
 
-EDGESCREEN = [sys.executable, "-m", "appliance.cli"]
+EDGESCREEN = [sys.executable, "-m", "edgescreen.appliance.cli"]
 PREPARED = "bench-web.json"
 
 
@@ -117,9 +117,9 @@ def prepare(data: Path, studies: int, files: bool) -> dict:
         if prep["studies"] == studies and prep["files"] == files:
             return prep
         shutil.rmtree(data)
-    from appliance import accounts
-    from appliance.store import Store
     from bench.gen_store import generate
+    from edgescreen.appliance import accounts
+    from edgescreen.appliance.store import Store
 
     t0 = time.perf_counter()
     counts = generate(data, studies=studies, ct_slices=300, files=files)
@@ -127,7 +127,7 @@ def prepare(data: Path, studies: int, files: bool) -> dict:
     store = Store(data)
     with store.transaction() as conn:  # the generated queue is not analysable: only the phantoms run
         conn.execute("UPDATE jobs SET state = 'failed', error = 'bench: generated' WHERE state IN ('queued', 'running')")
-    from appliance.scheduler.scanner import set_manual
+    from edgescreen.appliance.scheduler.scanner import set_manual
 
     # no DICOM service runs here, so the gate's fail-safe would read the scanner as busy: staff say it is idle
     set_manual(store, "idle", "bench")
@@ -143,10 +143,10 @@ def prepare(data: Path, studies: int, files: bool) -> dict:
 def add_phantoms(data: Path, prep: dict, n: int) -> list[dict]:
     """`n` fresh real 300-slice phantom CTs (PDAC), ingested by the C-STORE rules but not queued: round k
     queues phantom k. Fresh on every run, so each is unopened and unanalysed when the run starts."""
-    from appliance.config.site import Dicom
-    from appliance.dicom.ingest import Ingestor, ingest_file
-    from appliance.store import Store
-    from models.phantom.ct import write_ct_study
+    from edgescreen.appliance.config.site import Dicom
+    from edgescreen.appliance.dicom.ingest import Ingestor, ingest_file
+    from edgescreen.appliance.store import Store
+    from edgescreen.models.phantom.ct import write_ct_study
 
     store = Store(data)
     ingestor = Ingestor(store, Dicom(min_free_mb=0))
@@ -264,8 +264,8 @@ def scrolling(client: Client, ph: dict) -> dict:
 def analysis_window(client: Client, data: Path, root: Path, ph: dict, paths: list[str], clients: int, window: float,
                     nice_baseline: bool) -> dict:
     """Queue phantom `ph`, start a worker, and run the clients while it analyses."""
-    from appliance.dicom.ingest import queue_series
-    from appliance.store import Store
+    from edgescreen.appliance.dicom.ingest import queue_series
+    from edgescreen.appliance.store import Store
 
     store = Store(data)
     queue_series(store, {ph["series"]})
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"preparing {args.studies} studies + {args.rounds} fresh phantom CTs in {data} ...", flush=True)
     prep = prepare(data, args.studies, args.files)
     phantoms = add_phantoms(data, prep, args.rounds)
-    from appliance.store import Store
+    from edgescreen.appliance.store import Store
 
     store = Store(data)
     t0 = time.perf_counter()

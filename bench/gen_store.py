@@ -91,7 +91,7 @@ def generate(data_dir: Path, *, studies: int = 10_000, ct_slices: int = 300, job
              files: bool = True, seed: int = 16, now: float | None = None) -> dict:
     """30 % CT studies (`ct_slices` axial + a 24-slice localizer), 70 % four-view mammography exams; one job
     per analysable series (`jobs` caps them). The defaults make 1,000,000 instances and 10,000 jobs."""
-    from appliance.store import Store
+    from edgescreen.appliance.store import Store
 
     t0 = time.monotonic()
     now = time.time() if now is None else now

@@ -29,7 +29,7 @@ def ct_series(slices: int = 300, seed: int = 7, lesion: str | None = "pdac") -> 
     target = OUT / "ct_load" / f"ct{slices}" if (seed, lesion) == (7, "pdac") else OUT / f"ct{slices}-{seed}-{lesion}"
     marker = target / "done.json"
     if not marker.is_file():
-        from models.phantom.ct import generate_ct_volume, write_ct_series
+        from edgescreen.models.phantom.ct import generate_ct_volume, write_ct_series
 
         ph = generate_ct_volume(seed, lesion, slices=slices)
         write_ct_series(ph, target, seed)
@@ -43,7 +43,7 @@ def mg_exam(seed: int = 11, finding: str | None = "malignant") -> Path:
     target = OUT / f"mg-{seed}-{finding}"
     marker = target / "done.json"
     if not marker.is_file():
-        from models.phantom.mg import write_mg_exam
+        from edgescreen.models.phantom.mg import write_mg_exam
 
         write_mg_exam(target, seed, finding)
         marker.write_text(json.dumps({"seed": seed, "finding": finding}))
@@ -86,7 +86,7 @@ def median(values: Sequence[float]) -> float:
 def truncate(value: float, digits: int = 3) -> float:
     """Figures are reported as measured, truncated, never rounded up (a 3.9996x is not 4.0x): the optimiser's
     own rule (optimize.run.truncated), one copy."""
-    from optimize.run import truncated
+    from edgescreen.optimize.run import truncated
 
     return float(truncated(value, digits))
 

@@ -66,11 +66,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the tool whose parser `add_parsers` made (its name is in `args.model_tool`)."""
     if args.model_tool == "evaluate":
-        from models.evaluate import run_from_args
+        from edgescreen.models.evaluate import run_from_args
 
         return run_from_args(args)
     if args.model_tool == "domain-calibrate":
-        from models.domain_calibrate import run_from_args as calibrate
+        from edgescreen.models.domain_calibrate import run_from_args as calibrate
 
         return calibrate(args)
     raise ValueError(f"no model tool {args.model_tool!r}: use one of {', '.join(TOOLS)}")

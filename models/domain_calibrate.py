@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from appliance.pipeline.metrics import threshold_for_sensitivity, threshold_for_specificity
+from edgescreen.appliance.pipeline.metrics import threshold_for_sensitivity, threshold_for_specificity
 
 MODELS_DIR = Path(__file__).resolve().parent
 CT_ROLES = ("pancreas.stage1", "pancreas.stage2", "pancreas.stage3")
@@ -69,8 +69,8 @@ def plan(n: int, seed_base: int) -> list[tuple[int, str | None]]:
 
 def measure_ct_study(files: list[Path], models: dict[str, Any]) -> dict[str, Any]:
     """What the gate and the operating points need from one study, computed by the appliance's own code."""
-    from appliance.pipeline.domain import anatomy, intensity
-    from appliance.pipeline.pancreas import CascadeSettings, load_canonical, run_cascade
+    from edgescreen.appliance.pipeline.domain import anatomy, intensity
+    from edgescreen.appliance.pipeline.pancreas import CascadeSettings, load_canonical, run_cascade
 
     ct = load_canonical(files)
     result = run_cascade(ct, models, settings=CascadeSettings(threshold=1.0))  # no lesion extraction needed
@@ -137,7 +137,7 @@ def intensity_domain(rows: list[dict[str, Any]], source: str) -> dict[str, Any]:
 
 def anatomy_domain(rows: list[dict[str, Any]], classes: list[str], source: str) -> tuple[dict[str, Any], list[str]]:
     """The anatomy rules, and notes on the candidate rules the calibration set itself broke (dropped)."""
-    from appliance.pipeline.domain.anatomy import relation_holds
+    from edgescreen.appliance.pipeline.domain.anatomy import relation_holds
 
     notes = []
     volumes = {}
@@ -176,8 +176,8 @@ def anatomy_domain(rows: list[dict[str, Any]], classes: list[str], source: str) 
 
 def ood_domain(vectors: list[np.ndarray], output: str, source: str, k: int = 16) -> dict[str, Any]:
     """Fit on the first half, threshold at 1.1 x the largest distance of the second half."""
-    from appliance.modelcard import OodDomain
-    from appliance.pipeline.domain.ood import distance, fit
+    from edgescreen.appliance.modelcard import OodDomain
+    from edgescreen.appliance.pipeline.domain.ood import distance, fit
 
     x = np.stack(vectors)
     half = max(2, len(x) // 2)
@@ -216,8 +216,8 @@ def ct_attributes_domain(rows: list[dict[str, Any]], source: str) -> dict[str, A
 def statistics_rows(n: int, seed_base: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Body statistics of n in-domain series as rendered (the HU array the pipeline loads from their DICOM;
     the statistics do not depend on the orientation), without the models: cheap enough for many seeds."""
-    from appliance.pipeline.domain.intensity import ct_statistics
-    from models.phantom.ct import generate_ct_volume
+    from edgescreen.appliance.pipeline.domain.intensity import ct_statistics
+    from edgescreen.models.phantom.ct import generate_ct_volume
 
     rows = []
     for i, (seed, lesion) in enumerate(plan(n, seed_base)):
@@ -231,8 +231,8 @@ def statistics_rows(n: int, seed_base: int, log: Callable[[str], None]) -> list[
 def calibrate_ct(models_dir: Path, n: int, seed_base: int, work: Path, log: Callable[[str], None],
                  backend: str = "onnxruntime", stats_n: int = 0) -> dict[str, Any]:
     """Render, analyse and summarise the calibration studies; return the new card sections per role."""
-    from appliance.pipeline.analyze import ModelChoice, load_models
-    from models.phantom.ct import write_ct_study
+    from edgescreen.appliance.pipeline.analyze import ModelChoice, load_models
+    from edgescreen.models.phantom.ct import write_ct_study
 
     choices = {r: ModelChoice(r, models_dir / f"{r}.json", None, backend, "fp32", "CPU") for r in CT_ROLES}
     models = load_models(choices, None, 1)
@@ -291,10 +291,10 @@ def oracle_operating_points(models_dir: Path, n_normal: int = 80, n_lesion: int 
     """Stage 2's operating points on the calibration set its trainer used: crops centred on the true pancreas
     (oracle inputs, as models/evaluate.py measures stage 2), normals 100000+, lesions 100500+ cycling the
     8 classes. Larger than what a whole-pipeline calibration can afford here, and the set the card names."""
-    from appliance.modelcard import load_card
-    from appliance.pipeline.activations import sigmoid
-    from models.evaluate import _session, oracle_inputs
-    from models.train.ct_data import fine_crops
+    from edgescreen.appliance.modelcard import load_card
+    from edgescreen.appliance.pipeline.activations import sigmoid
+    from edgescreen.models.evaluate import _session, oracle_inputs
+    from edgescreen.models.train.ct_data import fine_crops
 
     card = load_card(models_dir / "pancreas.stage2.json")
     session = _session(models_dir / card.file)
@@ -334,8 +334,8 @@ def calibrate_mammo(models_dir: Path, data_dir: Path) -> dict[str, Any] | None:
     rule = json.loads((models_dir / "mammo.json").read_text()).get("contralateral")
     how = "out-of-fold scores"
     if rule:  # the card's decision score: each image read against its patient's other breast (the appliance's rule)
-        from appliance.pipeline.activations import sigmoid
-        from models.train.mammo_data import contralateral_logits
+        from edgescreen.appliance.pipeline.activations import sigmoid
+        from edgescreen.models.train.mammo_data import contralateral_logits
 
         logits = np.log(np.clip(scores, 1e-6, 1 - 1e-6) / np.clip(1 - scores, 1e-6, 1))
         scores = sigmoid(contralateral_logits(logits, np.array([patient[k] for k in ids]), rule["weight"],
@@ -357,7 +357,7 @@ def calibrate_mammo(models_dir: Path, data_dir: Path) -> dict[str, Any] | None:
 
 def write_sections(models_dir: Path, sections: dict[str, Any]) -> list[Path]:
     """Write each role's domain and operating points into its card; the decision follows the default point."""
-    from appliance.modelcard import load_card
+    from edgescreen.appliance.modelcard import load_card
 
     written = []
     for role, section in sections.items():

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance import RESEARCH_USE_BANNER, __version__
-from appliance.modelcard import ModelCard, load_card, sha256_file
-from appliance.pipeline.activations import sigmoid, softmax
-from appliance.pipeline.metrics import (
+from edgescreen.appliance import RESEARCH_USE_BANNER, __version__
+from edgescreen.appliance.modelcard import ModelCard, load_card, sha256_file
+from edgescreen.appliance.pipeline.activations import sigmoid, softmax
+from edgescreen.appliance.pipeline.metrics import (
     N_BOOT,
     auc,
     balanced_accuracy,
@@ -34,7 +34,7 @@ from appliance.pipeline.metrics import (
     figure,
     sens_at_spec,
 )
-from models.train.ct_common import LESION_CLASSES, ORGAN_NAMES, sliding_window, window
+from edgescreen.models.train.ct_common import LESION_CLASSES, ORGAN_NAMES, sliding_window, window
 
 MODELS_DIR = Path(__file__).resolve().parent
 ROLES = ("pancreas.stage1", "pancreas.stage2", "pancreas.stage3")
@@ -74,7 +74,7 @@ def oracle_inputs(card: ModelCard, hu: np.ndarray, *, pancreas: np.ndarray | Non
     true lesion (stage 2's oracle). The stacking is the pipeline's own
     (appliance.pipeline.pancreas._channel_stack), so a card naming a channel we lack is refused alike.
     """
-    from appliance.pipeline.pancreas import _channel_stack
+    from edgescreen.appliance.pipeline.pancreas import _channel_stack
 
     norm = card.preprocessing.normalization
     available = {"ct": window(hu.astype(np.float32), norm.low, norm.high)}
@@ -112,7 +112,7 @@ def evaluate(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run the three pancreas models on held-out phantoms; write and return the report dict."""
-    from models.train.ct_data import PhantomError, fine_crops, prerender, stage1_volume
+    from edgescreen.models.train.ct_data import PhantomError, fine_crops, prerender, stage1_volume
 
     t_start = time.time()
     models_dir = Path(models_dir)
@@ -280,7 +280,7 @@ def run_domain_gate(models_dir: Path, options: dict, log: Callable[[str], None] 
     """The gate's flag rates (models/evaluate_domain.py) with the options of `edgescreen models evaluate`."""
     import tempfile
 
-    from models.evaluate_domain import evaluate_domain_gate
+    from edgescreen.models.evaluate_domain import evaluate_domain_gate
 
     with tempfile.TemporaryDirectory(prefix="edgescreen-gate-") as tmp:
         return evaluate_domain_gate(models_dir, Path(tmp), log=log, **options)
@@ -297,7 +297,7 @@ def merge_domain_gate(models_dir: Path, options: dict, out_md: Path | None = Non
     if "pancreas.stage1" in report:
         text = render_markdown(report)
         if report.get("end_to_end"):  # the section models/evaluate_e2e.py appends
-            from models.evaluate_e2e import render as render_e2e
+            from edgescreen.models.evaluate_e2e import render as render_e2e
 
             text = text.rstrip("\n") + "\n" + render_e2e(report["end_to_end"])
         _write(out_md, text)
@@ -313,9 +313,9 @@ def pipeline_check(models_dir: Path, plan: list[tuple[int, str | None]], log: Ca
     around the pancreas, resampled exactly as the pipeline does, and run through stages 1 and 2; the
     same slab rendered directly at the model grid gives the paired comparison.
     """
-    from appliance.pipeline.preprocess import bbox_centre
-    from models.train.ct_common import STAGE1, STAGE2, crop, resample
-    from models.train.ct_data import phantom
+    from edgescreen.appliance.pipeline.preprocess import bbox_centre
+    from edgescreen.models.train.ct_common import STAGE1, STAGE2, crop, resample
+    from edgescreen.models.train.ct_data import phantom
 
     gen = phantom().generate_ct_volume
     c1, c2 = load_card(models_dir / "pancreas.stage1.json"), load_card(models_dir / "pancreas.stage2.json")
@@ -382,7 +382,7 @@ def _write(path: Path, text: str) -> None:
 
 def _update_cards(models_dir: Path, report: dict) -> None:
     """Copy the held-out figures into each card's ``metrics`` (the ONNX file and its sha256 are untouched)."""
-    from models.train.ct_export import write_card
+    from edgescreen.models.train.ct_export import write_card
 
     pick = {
         "pancreas.stage1": {"heldout_pancreas_dice": "dice", "heldout_pancreas_dice_ci95": "dice_ci95"},
@@ -523,7 +523,7 @@ def render_markdown(r: dict) -> str:
                              f"{op['threshold']:.6f} | {op['calibration_set']} | {measured} |")
         lines.append("")
     if r.get("domain_gate"):
-        from models.evaluate_domain import render_markdown as render_gate
+        from edgescreen.models.evaluate_domain import render_markdown as render_gate
 
         lines += [*render_gate(r["domain_gate"]).splitlines(), ""]
     lines += [

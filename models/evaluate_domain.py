@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from appliance.pipeline.metrics import truncated
+from edgescreen.appliance.pipeline.metrics import truncated
 
 CT_SHIFTED: dict[str, dict[str, Any]] = {
     "contrast_arterial": {"contrast_phase": "arterial"},
@@ -70,10 +70,16 @@ _MODELS: dict[tuple[str, str], Any] = {}
 
 def _gate_ct(files: list[Path], out: Path, models_dir: Path, backend: str) -> dict[str, Any]:
     """The appliance's own steps up to the verdict: series acceptance, load, the cascade, the gate (no outputs)."""
-    from appliance.pipeline.analyze import InputError, ModelChoice, choose_pipeline, group_series, load_models
-    from appliance.pipeline.ctload import SeriesError
-    from appliance.pipeline.domain.gate import assess_ct
-    from appliance.pipeline.pancreas import ROLES, CascadeSettings, load_canonical, run_cascade
+    from edgescreen.appliance.pipeline.analyze import (
+        InputError,
+        ModelChoice,
+        choose_pipeline,
+        group_series,
+        load_models,
+    )
+    from edgescreen.appliance.pipeline.ctload import SeriesError
+    from edgescreen.appliance.pipeline.domain.gate import assess_ct
+    from edgescreen.appliance.pipeline.pancreas import ROLES, CascadeSettings, load_canonical, run_cascade
 
     key = (str(models_dir), backend)
     if key not in _MODELS:
@@ -141,7 +147,7 @@ def _pydicom_series(work: Path) -> list[list[Path]]:
 
 def evaluate_ct(models_dir: Path, work: Path, n_in: int, n_shift: int, seed_base: int, backend: str,
                 log: Callable[[str], None]) -> dict[str, Any]:
-    from models.phantom.ct import Acquisition, write_ct_study
+    from edgescreen.models.phantom.ct import Acquisition, write_ct_study
 
     sets: dict[str, list[dict[str, Any]]] = {}
     t0 = time.time()
@@ -205,8 +211,8 @@ def _mias_dicom(png: Path, out: Path, *, spacing: float, bits: int, detector: st
 
 
 def evaluate_mammo(models_dir: Path, work: Path, mini_mias: Path, n: int, log: Callable[[str], None]) -> dict[str, Any]:
-    from appliance.pipeline.analyze import AnalysisRequest, analyze_study
-    from models.phantom.mg import write_mg_exam
+    from edgescreen.appliance.pipeline.analyze import AnalysisRequest, analyze_study
+    from edgescreen.models.phantom.mg import write_mg_exam
 
     def gate(files: list[Path]) -> dict[str, Any]:
         out = work / "mgout"

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.pipeline.analyze import AnalysisRequest, analyze_study
-from appliance.pipeline.metrics import auc, bootstrap_ci, figure, sens_at_spec
-from models.phantom.ct import LESION_CLASSES, write_ct_study
-from models.phantom.mg import MG_FINDINGS, write_mg_exam
+from edgescreen.appliance.pipeline.analyze import AnalysisRequest, analyze_study
+from edgescreen.appliance.pipeline.metrics import auc, bootstrap_ci, figure, sens_at_spec
+from edgescreen.models.phantom.ct import LESION_CLASSES, write_ct_study
+from edgescreen.models.phantom.mg import MG_FINDINGS, write_mg_exam
 
 MODELS_DIR = Path(__file__).parent
 SEED_BASE = 400_000
@@ -99,7 +99,7 @@ def render(e2e: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m models.evaluate_e2e", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m edgescreen.models.evaluate_e2e", description=__doc__.splitlines()[0])
     ap.add_argument("--models", type=Path, default=MODELS_DIR)
     ap.add_argument("--per-class", type=int, default=2, help="lesion studies per class")
     ap.add_argument("--normals", type=int, default=8)

@@ -17,7 +17,7 @@ always work against the same work. With a ``window`` (a tiled model's patch, ove
 the item is one whole volume run through the appliance's sliding window, activation and accumulation
 included: what stage 1 costs a study.
 
-Usage of the child (the parent builds the command): python -m optimize.benchmark SPEC.json
+Usage of the child (the parent builds the command): python -m edgescreen.optimize.benchmark SPEC.json
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class BenchResult:
 def _meter(estimate_w: float) -> Any:
     """The appliance's power meter; a minimal RAPL reader if that module is missing; else the estimate."""
     try:
-        from appliance.power.meters import detect_meter
+        from edgescreen.appliance.power.meters import detect_meter
     except ImportError:
         return None
     return detect_meter(estimate_w)
@@ -87,7 +87,7 @@ def measure(artifact: Path, backend: str, device: str, precision: str, threads: 
     ``batch`` > 1 stacks that many copies of the case into one call. ``window`` ({"card": path, "patch",
     "overlap", "batch"}) times a whole volume (``inputs``, batch axis dropped) through the sliding window.
     """
-    from appliance.runtime import get_backend
+    from edgescreen.appliance.runtime import get_backend
 
     start = time.perf_counter()
     session = get_backend(backend).load(artifact, device=device, precision=precision, threads=threads)
@@ -135,8 +135,8 @@ def measure(artifact: Path, backend: str, device: str, precision: str, threads: 
 
 
 def _window_call(session: Any, inputs: dict[str, np.ndarray], window: dict[str, Any]) -> Any:
-    from appliance.modelcard import load_card
-    from optimize.window import Window, predictor, run_volume
+    from edgescreen.appliance.modelcard import load_card
+    from edgescreen.optimize.window import Window, predictor, run_volume
 
     card = load_card(Path(window["card"]), verify_file=False)
     win = Window(tuple(window["patch"]), float(window["overlap"]), int(window["batch"]))
@@ -165,7 +165,7 @@ def run_in_subprocess(artifact: Path, backend: str, device: str, precision: str,
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
     try:
-        proc = subprocess.run([sys.executable, "-m", "optimize.benchmark", str(spec_path)], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "edgescreen.optimize.benchmark", str(spec_path)], capture_output=True,
                               text=True, timeout=timeout_s, env=env)
     finally:
         inputs_path.unlink(missing_ok=True)

@@ -21,9 +21,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from appliance import __version__
-from appliance.bundle import MANIFEST, SIGNATURE, Manifest, fingerprint, load_private_key, sign_bytes
-from appliance.modelcard import sha256_file
+from edgescreen.appliance import __version__
+from edgescreen.appliance.bundle import (
+    MANIFEST,
+    SIGNATURE,
+    Manifest,
+    fingerprint,
+    load_private_key,
+    sign_bytes,
+)
+from edgescreen.appliance.modelcard import sha256_file
 
 
 def library_versions() -> dict[str, str]:

@@ -39,9 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from appliance.logs import get_logger
-from appliance.modelcard import ModelCard
-from appliance.pipeline.preprocess import Grid, bbox_centre, crop_box, normalize, sample_box
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.modelcard import ModelCard
+from edgescreen.appliance.pipeline.preprocess import Grid, bbox_centre, crop_box, normalize, sample_box
 
 log = get_logger(__name__)
 
@@ -184,7 +184,7 @@ def crop(volume: np.ndarray, centre: Sequence[int], size: Sequence[int], fill: f
 
 
 def _ct():  # noqa: ANN202 - the phantom module, imported only when phantom cases are wanted
-    from models.phantom import ct
+    from edgescreen.models.phantom import ct
 
     return ct
 
@@ -315,7 +315,7 @@ def minimias_builder(card: ModelCard, seed: int, lesion: str | None) -> Case:
     """
     from PIL import Image
 
-    from appliance.pipeline.mammo import prepare_mammogram
+    from edgescreen.appliance.pipeline.mammo import prepare_mammogram
 
     directory = minimias_dir()
     if directory is None:

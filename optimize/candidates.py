@@ -26,10 +26,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.config.profile import HardwareProfile
-from appliance.runtime import BackendUnavailable, get_backend
-from optimize import openvino_build, quantize_ort, tensorrt_build
-from optimize.calibration import Case
+from edgescreen.appliance.config.profile import HardwareProfile
+from edgescreen.appliance.runtime import BackendUnavailable, get_backend
+from edgescreen.optimize import openvino_build, quantize_ort, tensorrt_build
+from edgescreen.optimize.calibration import Case
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from appliance.bundle import ensure_signing_key, install_bundle
-from appliance.config import ConfigError, load_profile
-from appliance.logs import get_logger
-from appliance.modelcard import CardError
-from appliance.selftest import write_expected_findings
-from optimize import report as report_mod
-from optimize.candidates import CandidateSpec
-from optimize.quantize_ort import METHODS
-from optimize.run import Options, cleanup, find_cards, manifest_entry, optimise
+from edgescreen.appliance.bundle import ensure_signing_key, install_bundle
+from edgescreen.appliance.config import ConfigError, load_profile
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.modelcard import CardError
+from edgescreen.appliance.selftest import write_expected_findings
+from edgescreen.optimize import report as report_mod
+from edgescreen.optimize.candidates import CandidateSpec
+from edgescreen.optimize.quantize_ort import METHODS
+from edgescreen.optimize.run import Options, cleanup, find_cards, manifest_entry, optimise
 
 log = get_logger(__name__)
 
@@ -64,7 +64,7 @@ def build_and_sign(card_paths: list[Path], opts: Options, out: Path, key: Path,
         missing = [m.role for m in outcomes if m.selected is None]
         if missing:
             return report, 1
-        from optimize.bundle import write_bundle
+        from edgescreen.optimize.bundle import write_bundle
 
         threads = opts.threads or opts.profile.threads.inference
         chosen = {}

@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from appliance.modelcard import ModelCard, OutputSpec
-from appliance.pipeline import activations, metrics
-from optimize.calibration import Case
+from edgescreen.appliance.modelcard import ModelCard, OutputSpec
+from edgescreen.appliance.pipeline import activations, metrics
+from edgescreen.optimize.calibration import Case
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,9 @@ def ood_flag_rates(card: ModelCard, output: str, reference: Sequence[np.ndarray]
     ood = card.domain.ood if card.domain is not None else None
     if ood is None or ood.output != output or not len(reference):
         return None
-    from appliance.pipeline.domain.ood import distance  # the appliance's own score: one copy of the rule
+    from edgescreen.appliance.pipeline.domain.ood import (
+        distance,  # the appliance's own score: one copy of the rule
+    )
 
     def rate(vectors: Sequence[np.ndarray]) -> float:
         return float(np.mean([distance(np.asarray(v).reshape(-1), ood) > ood.threshold for v in vectors]))

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.logs import get_logger
-from optimize.calibration import Case
+from edgescreen.appliance.logs import get_logger
+from edgescreen.optimize.calibration import Case
 
 log = get_logger(__name__)
 

@@ -32,14 +32,21 @@ from typing import Any
 
 import numpy as np
 
-from appliance.config.profile import HardwareProfile
-from appliance.logs import get_logger
-from appliance.modelcard import ModelCard, load_card, model_path, sha256_file
-from appliance.runtime import get_backend
-from optimize import benchmark, gate, window
-from optimize.calibration import Case, CaseBuilder, CaseSet, build_cases, directory_cases
-from optimize.candidates import BASELINE, BuildOptions, CandidateSpec, attempts, availability, candidates_for
-from optimize.report import Progress
+from edgescreen.appliance.config.profile import HardwareProfile
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.modelcard import ModelCard, load_card, model_path, sha256_file
+from edgescreen.appliance.runtime import get_backend
+from edgescreen.optimize import benchmark, gate, window
+from edgescreen.optimize.calibration import Case, CaseBuilder, CaseSet, build_cases, directory_cases
+from edgescreen.optimize.candidates import (
+    BASELINE,
+    BuildOptions,
+    CandidateSpec,
+    attempts,
+    availability,
+    candidates_for,
+)
+from edgescreen.optimize.report import Progress
 
 log = get_logger(__name__)
 

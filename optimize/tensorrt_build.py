@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance.logs import get_logger
+from edgescreen.appliance.logs import get_logger
 
 log = get_logger(__name__)
 

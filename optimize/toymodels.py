@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from scipy import ndimage
 
-from optimize.calibration import Case
+from edgescreen.optimize.calibration import Case
 
 OPSET = 17
 
@@ -139,7 +139,7 @@ def toy_card(spec: ToySpec, onnx_name: str) -> dict:
 
 def write_toy_model(spec: ToySpec, models_dir: Path, seed: int = 0) -> Path:
     """ONNX + card in ``models_dir`` as ``<role>.onnx`` / ``<role>.json``; returns the card path."""
-    from appliance.modelcard import sha256_file
+    from edgescreen.appliance.modelcard import sha256_file
 
     onnx_path = build_toy_onnx(spec, models_dir / f"{spec.role}.onnx", seed=seed)
     card = toy_card(spec, onnx_path.name)
@@ -173,7 +173,7 @@ def toy_case(spec: ToySpec, seed: int) -> Case:
 def toy_volume(spec: ToySpec, seed: int, scale: int = 2) -> Any:
     """A whole volume for a tiled toy model (``scale`` x its patch on each axis) and its band truth, as
     optimize.window's held-out volumes are."""
-    from optimize.window import VolumeCase
+    from edgescreen.optimize.window import VolumeCase
 
     rng = np.random.default_rng(seed)
     shape = tuple(p * scale for p in spec.patch)

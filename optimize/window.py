@@ -32,12 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from appliance.logs import get_logger
-from appliance.modelcard import ModelCard
-from appliance.pipeline.preprocess import normalize, normalized_air
-from appliance.pipeline.sliding_window import WindowSpec, sliding_window
-from optimize import gate
-from optimize.calibration import LESION_CLASSES
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.modelcard import ModelCard
+from edgescreen.appliance.pipeline.preprocess import normalize, normalized_air
+from edgescreen.appliance.pipeline.sliding_window import WindowSpec, sliding_window
+from edgescreen.optimize import gate
+from edgescreen.optimize.calibration import LESION_CLASSES
 
 log = get_logger(__name__)
 
@@ -120,7 +120,7 @@ class WindowResult:
 def _render_volume(card: ModelCard, seed: int, lesion: str | None) -> VolumeCase:
     """The seed's whole abdomen rendered on a grid of about the card's spacing (what stage 1 sees after
     the pipeline resamples a series), normalised by the pipeline's own code."""
-    from models.phantom import ct
+    from edgescreen.models.phantom import ct
 
     pre = card.preprocessing
     assert pre.target_spacing_mm is not None
@@ -186,7 +186,7 @@ def _cached(card: ModelCard, seed: int, lesion: str | None, cache_dir: Path | No
 
 def predictor(session: Any, card: ModelCard) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """What the pipeline's StageModel.predict does: feed the card's inputs, activate each output as the card says."""
-    from appliance.pipeline.activations import activate
+    from edgescreen.appliance.pipeline.activations import activate
 
     def predict(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raw = session.run({spec.name: inputs[spec.name].astype(spec.dtype, copy=False) for spec in card.inputs})

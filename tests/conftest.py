@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-EDGESCREEN = [sys.executable, "-m", "appliance.cli"]
+EDGESCREEN = [sys.executable, "-m", "edgescreen.appliance.cli"]
 
 
 def free_port() -> int:
@@ -53,7 +53,7 @@ _minimias_skipped: list[str] = []
 
 
 def minimias_dir() -> Path | None:
-    from optimize.calibration import minimias_dir as find
+    from edgescreen.optimize.calibration import minimias_dir as find
 
     return find()
 

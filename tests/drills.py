@@ -156,7 +156,7 @@ heartbeat_s = 3600
 
 def run_box_drill(tmp: Path, *, kills: int, exams: int, seed: int, gap_s: float = 1.0,
                   drain_timeout_s: float = 900) -> dict:
-    from models.phantom.mg import write_mg_exam
+    from edgescreen.models.phantom.mg import write_mg_exam
     from tests.orthanc_server import orthanc
     from tests.test_cloud_receiver import start_receiver
 

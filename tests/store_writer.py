@@ -10,9 +10,9 @@ import os
 import random
 import sys
 
-from appliance.store import Store, jobs
-from appliance.store.instances import IncomingInstance, store_instance
-from appliance.store.outbox import OutboxItem
+from edgescreen.appliance.store import Store, jobs
+from edgescreen.appliance.store.instances import IncomingInstance, store_instance
+from edgescreen.appliance.store.outbox import OutboxItem
 
 
 def main(data_dir: str, seed: int) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydicom.data import get_testdata_file
 
-from appliance.cli import analyze as cli
+from edgescreen.appliance.cli import analyze as cli
 from tests.test_pancreas_pipeline import write_study, write_test_models
 
 
@@ -188,8 +188,8 @@ def test_every_pydicom_test_file_is_refused_cleanly(tmp_path: Path, models_dir: 
 
 def _signed_bundle(root: Path, models_dir: Path, data_dir: Path) -> Path:
     """A real signed bundle (appliance.bundle's format) holding the three test models as fp32 ONNX."""
-    from appliance.bundle import ensure_signing_key, fingerprint, load_private_key, sign_bytes
-    from appliance.modelcard import sha256_file
+    from edgescreen.appliance.bundle import ensure_signing_key, fingerprint, load_private_key, sign_bytes
+    from edgescreen.appliance.modelcard import sha256_file
 
     bundle = root / "bundle"
     bundle.mkdir()
@@ -213,7 +213,7 @@ def _signed_bundle(root: Path, models_dir: Path, data_dir: Path) -> Path:
 
 
 def test_signed_bundle_verified_and_tampered_refused(tmp_path: Path, models_dir: Path, study_dir: Path) -> None:
-    from appliance.pipeline.analyze import AnalysisRequest, InputError, analyze_study
+    from edgescreen.appliance.pipeline.analyze import AnalysisRequest, InputError, analyze_study
 
     data_dir = tmp_path / "data"
     bundle = _signed_bundle(tmp_path, models_dir, data_dir)

@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("appliance", "optimize", "models", "firmware_config")
+PACKAGES = ("appliance", "optimize", "models", "firmware_config")  # folders at the top of the repository
+NAMESPACE = "edgescreen"  # ... installed as edgescreen.<folder> (setup.py): the import names are the project's own
 # The one way from the appliance into each tool tree, and the module it lands on.
-ENTRIES = {("appliance.cli.optimize_cmd", "optimize.cli"), ("appliance.cli.models_cmd", "models.cli")}
-APPLIANCE_MAY_USE = ("models.phantom",)  # demo, phantom and selftest write phantom studies
+ENTRIES = {("edgescreen.appliance.cli.optimize_cmd", "edgescreen.optimize.cli"), ("edgescreen.appliance.cli.models_cmd", "edgescreen.models.cli")}
+APPLIANCE_MAY_USE = ("edgescreen.models.phantom",)  # demo, phantom and selftest write phantom studies
 
 
 def _modules() -> dict[str, Path]:
@@ -34,7 +35,7 @@ def _modules() -> dict[str, Path]:
             parts = list(path.relative_to(REPO).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts = parts[:-1]
-            mods[".".join(parts)] = path
+            mods[".".join([NAMESPACE, *parts])] = path
     return mods
 
 
@@ -149,38 +150,57 @@ def test_architecture_no_import_circles(graph: dict[str, set[str]]) -> None:
 
 
 def test_architecture_the_appliance_needs_no_optimiser_or_training_code(graph: dict[str, set[str]]) -> None:
-    appliance = [m for m in graph if _under(m, "appliance")]
+    appliance = [m for m in graph if _under(m, "edgescreen.appliance")]
     via = reachable(graph, appliance, cut=ENTRIES)
-    upward = [_chain(via, m) for m in via if _under(m, "optimize") or _under(m, "models.train")]
+    upward = [_chain(via, m) for m in via if _under(m, "edgescreen.optimize") or _under(m, "edgescreen.models.train")]
     assert upward == [], "the appliance reaches the optimiser or the training code:\n" + "\n".join(upward)
 
 
 def test_architecture_the_appliance_enters_the_tool_trees_once(graph: dict[str, set[str]]) -> None:
-    crossings = {(m, t) for m in graph if _under(m, "appliance") for t in graph[m]
-                 if (_under(t, "optimize") or _under(t, "models"))
+    crossings = {(m, t) for m in graph if _under(m, "edgescreen.appliance") for t in graph[m]
+                 if (_under(t, "edgescreen.optimize") or _under(t, "edgescreen.models"))
                  and not any(_under(t, allowed) for allowed in APPLIANCE_MAY_USE)}
     assert crossings == ENTRIES
 
 
 def test_architecture_nothing_below_imports_the_cli(graph: dict[str, set[str]]) -> None:
-    offenders = sorted(f"{m} -> {t}" for m in graph if not _under(m, "appliance") for t in graph[m]
-                       if _under(t, "appliance.cli"))
+    offenders = sorted(f"{m} -> {t}" for m in graph if not _under(m, "edgescreen.appliance") for t in graph[m]
+                       if _under(t, "edgescreen.appliance.cli"))
     assert offenders == []
 
 
 def test_architecture_the_optimiser_needs_no_training_code(graph: dict[str, set[str]]) -> None:
-    via = reachable(graph, [m for m in graph if _under(m, "optimize")])
-    training = [_chain(via, m) for m in via if _under(m, "models.train")]
+    via = reachable(graph, [m for m in graph if _under(m, "edgescreen.optimize")])
+    training = [_chain(via, m) for m in via if _under(m, "edgescreen.models.train")]
     assert training == [], "the on-box optimiser reaches the training code:\n" + "\n".join(training)
 
 
 def test_architecture_the_checks_see_a_circle_and_an_upward_import() -> None:
     """The rules above are only as good as the graph: a made-up circle and a made-up upward path are found."""
-    edges = {"a.x": {"a.y"}, "a.y": {"a.z"}, "a.z": {"a.x"}, "appliance.p": {"appliance.q"},
-             "appliance.q": {"models.train.t"}, "models.train.t": set()}
+    edges = {"a.x": {"a.y"}, "a.y": {"a.z"}, "a.z": {"a.x"}, "edgescreen.appliance.p": {"edgescreen.appliance.q"},
+             "edgescreen.appliance.q": {"edgescreen.models.train.t"}, "edgescreen.models.train.t": set()}
     assert cycles(edges) == [["a.x", "a.y", "a.z"]]
-    via = reachable(edges, ["appliance.p"])
-    assert _chain(via, "models.train.t") == "models.train.t <- appliance.q <- appliance.p"
+    via = reachable(edges, ["edgescreen.appliance.p"])
+    assert _chain(via, "edgescreen.models.train.t") == ("edgescreen.models.train.t <- edgescreen.appliance.q "
+                                                        "<- edgescreen.appliance.p")
     graph = import_graph()
-    assert "appliance.pipeline.accepts" in graph["appliance.dicom.assembly"]  # `from pkg import module`
-    assert "models.cli" in graph["appliance.cli.models_cmd"]
+    assert "edgescreen.appliance.pipeline.accepts" in graph["edgescreen.appliance.dicom.assembly"]  # `from pkg import module`
+    assert "edgescreen.models.cli" in graph["edgescreen.appliance.cli.models_cmd"]
+
+
+def _old_top_level_imports(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+        found += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names if n.split(".")[0] in PACKAGES]
+    return found
+
+
+def test_architecture_imports_use_the_installed_names_only() -> None:
+    """Code, tests and benches import edgescreen.<folder>, never the bare folder: run from the repository root a
+    bare `import appliance` would still work and load a second copy of every module beside the installed one."""
+    files = [p for d in (*PACKAGES, "tests", "bench") for p in (REPO / d).rglob("*.py")]
+    offenders = [hit for path in files for hit in _old_top_level_imports(path)]
+    assert offenders == [], "\n".join(offenders[:20])
+

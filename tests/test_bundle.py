@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.bundle import (
+from edgescreen.appliance.bundle import (
     BundleError,
     current_bundle,
     ensure_signing_key,
@@ -20,7 +20,7 @@ from appliance.bundle import (
     rollback,
     verify_bundle,
 )
-from optimize.bundle import write_bundle
+from edgescreen.optimize.bundle import write_bundle
 from tests.conftest import run_cli
 
 CARD = {"role": "pancreas.stage1", "name": "toy", "version": "1"}

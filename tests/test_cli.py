@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import __version__
-from appliance.cli import COMMANDS
+from edgescreen.appliance import __version__
+from edgescreen.appliance.cli import COMMANDS
 from tests.conftest import EDGESCREEN, REPO, catches_sigterm, run_cli
 
 

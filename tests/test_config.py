@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-import firmware_config
-from appliance.config import ConfigError, load_profile, load_site_config, resolve_paths
-from appliance.config.site import SiteConfig
+from edgescreen import firmware_config
+from edgescreen.appliance.config import ConfigError, load_profile, load_site_config, resolve_paths
+from edgescreen.appliance.config.site import SiteConfig
 from tests.conftest import run_cli
 
 

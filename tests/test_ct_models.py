@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.modelcard import ModelCard, load_card
-from appliance.pipeline.activations import sigmoid, softmax
-from appliance.pipeline.metrics import dice
-from appliance.pipeline.pancreas import largest_component
-from models.train.ct_common import (
+from edgescreen.appliance.modelcard import ModelCard, load_card
+from edgescreen.appliance.pipeline.activations import sigmoid, softmax
+from edgescreen.appliance.pipeline.metrics import dice
+from edgescreen.appliance.pipeline.pancreas import largest_component
+from edgescreen.models.train.ct_common import (
     HELDOUT_SEED_BASE,
     LESION_CLASSES,
     ORGAN_NAMES,
@@ -46,7 +46,7 @@ def _load(role: str) -> tuple[ModelCard, object]:
 
 def _render(seed: int, lesion: str | None, spacing: list[float], z_halfwidth_mm: float | None = None):  # noqa: ANN202
     """A phantom on the card's grid, optionally only a z-slab around the pancreas (fast)."""
-    from models.phantom.ct import generate_ct_volume
+    from edgescreen.models.phantom.ct import generate_ct_volume
 
     probe = generate_ct_volume(seed, None, matrix=16, slices=8)
     fov, extent = probe.spacing_mm[1] * 16, probe.spacing_mm[0] * 8
@@ -86,7 +86,7 @@ def test_stage1_finds_the_gland_in_a_contrast_abdomen_pelvis_scan() -> None:
     """Across the domain gap the phantom can draw: a held-out patient scanned from the lung bases to the pubis,
     portal venous phase, soft kernel. The first model put its pancreas on bowel in the lower abdomen of a real
     series; the largest predicted pancreas component (what the pipeline crops on) must lie on the gland."""
-    from models.phantom.ct import generate_ct_volume
+    from edgescreen.models.phantom.ct import generate_ct_volume
 
     card, sess = _load("pancreas.stage1")
     spacing = card.preprocessing.target_spacing_mm
@@ -162,7 +162,7 @@ def test_the_ct_stages_share_one_trainer(tmp_path: Path, monkeypatch: pytest.Mon
     rebuilds the same card from the checkpoint without training.
     """
     torch = pytest.importorskip("torch")
-    from models.train import ct_export, ct_stage1, ct_stage2, ct_stage3, ct_trainer
+    from edgescreen.models.train import ct_export, ct_stage1, ct_stage2, ct_stage3, ct_trainer
 
     for module, cls in ((ct_stage1, "Stage1"), (ct_stage2, "Stage2"), (ct_stage3, "Stage3")):
         stage = getattr(module, cls)()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.train import ct_data
+from edgescreen.models.train import ct_data
 
 
 def _small(seed: int, lesion: str | None) -> dict[str, np.ndarray]:

@@ -23,8 +23,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from appliance.pipeline.ctload import SeriesError, load_ct_series
-from appliance.pipeline.preprocess import Grid, canonical_orientation
+from edgescreen.appliance.pipeline.ctload import SeriesError, load_ct_series
+from edgescreen.appliance.pipeline.preprocess import Grid, canonical_orientation
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
@@ -440,7 +440,7 @@ def test_plain_series_never_build_a_pydicom_dataset_while_loading(tmp_path: Path
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The speed of loading rests on the walk: a plain series must load without pydicom parsing a header,
     and the full headers come later, only for the slices asked for."""
-    from appliance.pipeline import ctload
+    from edgescreen.appliance.pipeline import ctload
 
     paths = write_series(tmp_path / "s", hu)
     calls: list[str] = []
@@ -462,7 +462,7 @@ def test_plain_series_never_build_a_pydicom_dataset_while_loading(tmp_path: Path
 
 
 def _walked_equals_pydicom(path: Path) -> None:
-    from appliance.pipeline import ctload
+    from edgescreen.appliance.pipeline import ctload
 
     walked = ctload._walk(path)
     assert walked is not None, f"{path.name} went to pydicom"
@@ -504,7 +504,7 @@ def test_the_walk_reads_what_pydicom_reads(tmp_path: Path, hu: np.ndarray) -> No
 
 
 def test_anything_the_walk_cannot_read_goes_to_pydicom(tmp_path: Path, hu: np.ndarray) -> None:
-    from appliance.pipeline import ctload
+    from edgescreen.appliance.pipeline import ctload
 
     plain = write_series(tmp_path / "p", hu[:1])[0]
     data = plain.read_bytes()

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance.cli import main
-from appliance.config import load
-from appliance.config.site import SiteConfig
-from appliance.store import Store
+from edgescreen.appliance.cli import main
+from edgescreen.appliance.config import load
+from edgescreen.appliance.config.site import SiteConfig
+from edgescreen.appliance.store import Store
 
 
 @pytest.fixture
@@ -79,8 +79,8 @@ def own_logging():
 def test_cli_as_root_on_a_provisioned_box_reads_the_service_store(box, own_logging,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """`sudo edgescreen jobs` on a box whose site.toml has no data_dir: the service's queue, not an empty one."""
-    from appliance.store import jobs
-    from appliance.store.instances import IncomingInstance, store_instance
+    from edgescreen.appliance.store import jobs
+    from edgescreen.appliance.store.instances import IncomingInstance, store_instance
 
     box["config"].write_text('[site]\nname = "clinic"\n')
     store = Store(box["service"])

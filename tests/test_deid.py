@@ -13,9 +13,9 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from appliance.pipeline.analyze import AnalysisRequest, AnalysisSettings, analyze_study
-from appliance.sync.deid import Deidentifier, DeidError, DeidPolicy, load_secret
-from appliance.sync.summary import finding_summary
+from edgescreen.appliance.pipeline.analyze import AnalysisRequest, AnalysisSettings, analyze_study
+from edgescreen.appliance.sync.deid import Deidentifier, DeidError, DeidPolicy, load_secret
+from edgescreen.appliance.sync.summary import finding_summary
 from tests.test_pancreas_pipeline import write_study, write_test_models
 
 PHI = {"PatientName": "DOE^JANE^Q", "PatientID": "MRN-48213977", "PatientBirthDate": "19570412",
@@ -196,9 +196,9 @@ def test_finding_summary_keeps_the_verdict_and_drops_identity(analysed: dict) ->
 def _gate_report_quoting(description: str, kernel: str) -> dict:
     """What the real domain gate writes for a CT whose headers it quotes: a contrast phase read from the study
     description (flagged) and a kernel name it does not know (not checked)."""
-    from appliance.modelcard import Domain
-    from appliance.pipeline.domain.attributes import check_ct
-    from appliance.pipeline.domain.verdict import DomainReport
+    from edgescreen.appliance.modelcard import Domain
+    from edgescreen.appliance.pipeline.domain.attributes import check_ct
+    from edgescreen.appliance.pipeline.domain.verdict import DomainReport
 
     ds = Dataset()
     ds.Modality, ds.StudyDescription, ds.ConvolutionKernel = "CT", description, kernel

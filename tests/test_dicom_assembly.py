@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance.dicom.assembly import complete_stable_series
-from appliance.dicom.header import parse_file
-from appliance.store import Store
-from appliance.store.instances import IncomingInstance, job_files, store_instance
-from appliance.store.worklist import list_studies
+from edgescreen.appliance.dicom.assembly import complete_stable_series
+from edgescreen.appliance.dicom.header import parse_file
+from edgescreen.appliance.store import Store
+from edgescreen.appliance.store.instances import IncomingInstance, job_files, store_instance
+from edgescreen.appliance.store.worklist import list_studies
 from tests.test_dicom_support import write_ct_series, write_mg_series
 
 

@@ -12,9 +12,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from appliance.config.site import Pacs
-from appliance.dicom.export import export_pending, queue_export
-from appliance.store import Store
+from edgescreen.appliance.config.site import Pacs
+from edgescreen.appliance.dicom.export import export_pending, queue_export
+from edgescreen.appliance.store import Store
 from tests.orthanc_server import orthanc, requires_orthanc
 from tests.test_dicom_support import EDGESCREEN, REPO, SERVICE_ENV, free_port, write_ct_series
 

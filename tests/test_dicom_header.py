@@ -20,8 +20,14 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from appliance.dicom import sop
-from appliance.dicom.header import Refusal, check_instance, file_preamble_and_meta, parse_dataset, split_file
+from edgescreen.appliance.dicom import sop
+from edgescreen.appliance.dicom.header import (
+    Refusal,
+    check_instance,
+    file_preamble_and_meta,
+    parse_dataset,
+    split_file,
+)
 from tests.test_dicom_support import write_ct_series
 
 

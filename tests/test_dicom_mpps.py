@@ -12,7 +12,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep
 
-from appliance.scheduler.scanner import MppsSource
+from edgescreen.appliance.scheduler.scanner import MppsSource
 from tests.test_dicom_support import dicom_server, open_store, requires_dcmtk
 
 pytestmark = requires_dcmtk

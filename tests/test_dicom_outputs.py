@@ -25,12 +25,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from appliance import RESEARCH_USE_BANNER
-from appliance.pipeline.findings import validate_findings
-from appliance.pipeline.outputs import DicomOutputError, write_dicom_outputs
-from appliance.pipeline.outputs.codes import ENCAPSULATED_PDF_STORAGE, PANCREAS_PARTS
-from appliance.pipeline.outputs.pdf import render_pdf
-from appliance.pipeline.outputs.text import patient_rows
+from edgescreen.appliance import RESEARCH_USE_BANNER
+from edgescreen.appliance.pipeline.findings import validate_findings
+from edgescreen.appliance.pipeline.outputs import DicomOutputError, write_dicom_outputs
+from edgescreen.appliance.pipeline.outputs.codes import ENCAPSULATED_PDF_STORAGE, PANCREAS_PARTS
+from edgescreen.appliance.pipeline.outputs.pdf import render_pdf
+from edgescreen.appliance.pipeline.outputs.text import patient_rows
 from tests.orthanc_server import orthanc, requires_orthanc
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -143,7 +143,7 @@ def _headers(paths: list[Path]) -> list[Dataset]:
 def _phantom_series(out_dir: Path) -> tuple[list[Path], dict[str, np.ndarray]] | None:
     """The project's CT phantom (few slices) and its truth as masks, when it exists; else None."""
     try:
-        from models.phantom.ct import write_ct_study
+        from edgescreen.models.phantom.ct import write_ct_study
     except ImportError:
         return None
     phantom = write_ct_study(out_dir, seed=3, lesion="pdac", slices=16)

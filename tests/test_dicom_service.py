@@ -62,7 +62,7 @@ def cli_json(data_dir: Path, *args: str) -> object:
 @pytest.fixture(scope="module")
 def ct300(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The phantom generator's 300-slice 512x512 abdominal CT (about 160 MB, rendered once per run)."""
-    from models.phantom.ct import write_ct_study
+    from edgescreen.models.phantom.ct import write_ct_study
 
     out = tmp_path_factory.mktemp("ct300")
     write_ct_study(out, seed=11, slices=300)
@@ -350,7 +350,7 @@ def test_unindexed_files_are_reingested_at_start(tmp_path: Path, receive_path: s
 
 @both_paths
 def test_mammography_phantom_exam_becomes_one_mammo_job(tmp_path: Path, receive_path: str) -> None:
-    from models.phantom.mg import write_mg_exam
+    from edgescreen.models.phantom.mg import write_mg_exam
 
     write_mg_exam(tmp_path / "mg", seed=5, finding="malignant")
     with dicom_server(tmp_path) as srv:
@@ -364,7 +364,7 @@ def test_mammography_phantom_exam_becomes_one_mammo_job(tmp_path: Path, receive_
 
 
 def test_fast_path_is_pinned_to_exact_pynetdicom_releases() -> None:
-    from appliance.dicom import fastpath
+    from edgescreen.appliance.dicom import fastpath
 
     assert fastpath.available("3.0.4")
     for version in ("3.0.5", "3.0.40", "3.1.0", "3.0.4.post1", "2.0.2"):
@@ -373,10 +373,10 @@ def test_fast_path_is_pinned_to_exact_pynetdicom_releases() -> None:
 
 def test_stock_pynetdicom_path_still_works(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """With an unvalidated pynetdicom the service falls back to its stock acceptor: same answers."""
-    from appliance.config.site import Dicom, SiteConfig
-    from appliance.dicom import fastpath
-    from appliance.dicom.scp import DicomService
-    from appliance.store import Store
+    from edgescreen.appliance.config.site import Dicom, SiteConfig
+    from edgescreen.appliance.dicom import fastpath
+    from edgescreen.appliance.dicom.scp import DicomService
+    from edgescreen.appliance.store import Store
     from tests.test_dicom_support import free_port
 
     monkeypatch.setattr(fastpath, "available", lambda: False)

@@ -34,7 +34,7 @@ from pydicom.uid import (
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin" / "edgescreen"
-EDGESCREEN = [str(VENV_BIN)] if VENV_BIN.exists() else [sys.executable, "-m", "appliance.cli"]
+EDGESCREEN = [str(VENV_BIN)] if VENV_BIN.exists() else [sys.executable, "-m", "edgescreen.appliance.cli"]
 STORESCU, ECHOSCU = "/usr/bin/storescu", "/usr/bin/echoscu"
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 SERVICE_ENV = {**os.environ, "EDGESCREEN_CONFIG": "", "PYTHONPATH": str(REPO)}
@@ -233,6 +233,6 @@ def send_raw(port: int, path: Path, aet: str = "RAWSCU") -> int | None:
 
 
 def open_store(data_dir: Path):
-    from appliance.store import Store
+    from edgescreen.appliance.store import Store
 
     return Store(data_dir)

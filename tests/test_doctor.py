@@ -67,7 +67,7 @@ def test_wrong_architecture_profile_fails(data_dir: Path) -> None:
 
 
 def _service(data_dir: Path, config: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "appliance.cli", "--config", str(config), "--data-dir", str(data_dir),
+    return subprocess.Popen([sys.executable, "-m", "edgescreen.appliance.cli", "--config", str(config), "--data-dir", str(data_dir),
                              *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -20,10 +20,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from appliance.modelcard import AnatomyDomain, Domain, IntensityDomain, OodDomain
-from appliance.pipeline.domain import anatomy, attributes, intensity, ood
-from appliance.pipeline.domain.verdict import DomainReport
-from appliance.pipeline.preprocess import Grid
+from edgescreen.appliance.modelcard import AnatomyDomain, Domain, IntensityDomain, OodDomain
+from edgescreen.appliance.pipeline.domain import anatomy, attributes, intensity, ood
+from edgescreen.appliance.pipeline.domain.verdict import DomainReport
+from edgescreen.appliance.pipeline.preprocess import Grid
 from tests.test_ctload import write_series
 from tests.test_pancreas_pipeline import SPACING, study_hu, write_test_models
 
@@ -212,7 +212,7 @@ def test_mahalanobis_in_a_principal_subspace() -> None:
 
 
 def test_features_outputs_are_declared_without_classes() -> None:
-    from appliance.modelcard import OutputSpec
+    from edgescreen.appliance.modelcard import OutputSpec
 
     OutputSpec(name="features", kind="features", activation="none", size=64)
     with pytest.raises(ValueError, match="no classes and activation 'none'"):
@@ -273,7 +273,7 @@ def add_pooled_features(src: Path, dst: Path, name: str = "features") -> int:
 
 
 def _analyze(paths: list[Path] | Path, out: Path, models: Path, **settings: Any) -> dict:
-    from appliance.pipeline.analyze import AnalysisRequest, AnalysisSettings, analyze_study
+    from edgescreen.appliance.pipeline.analyze import AnalysisRequest, AnalysisSettings, analyze_study
 
     paths = [paths] if isinstance(paths, Path) else paths
     return analyze_study(AnalysisRequest(paths, out, models_dir=models, settings=AnalysisSettings(**settings)))
@@ -288,8 +288,8 @@ def _set_domain(models: Path, domain: dict[str, Any]) -> None:
 
 def _stage1_domain(models: Path, studies: list[list[Path]]) -> dict[str, Any]:
     """A domain for the toy stage 1 measured on toy studies, as `edgescreen models domain-calibrate` does."""
-    from appliance.pipeline.analyze import ModelChoice, load_models
-    from models.domain_calibrate import CT_ROLES, intensity_domain, measure_ct_study, ood_domain
+    from edgescreen.appliance.pipeline.analyze import ModelChoice, load_models
+    from edgescreen.models.domain_calibrate import CT_ROLES, intensity_domain, measure_ct_study, ood_domain
 
     choices = {r: ModelChoice(r, models / f"{r}.json", None, "onnxruntime", "fp32", "CPU") for r in CT_ROLES}
     loaded = load_models(choices, None, 1)
@@ -372,7 +372,7 @@ def _items(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
 def test_attributes_outside_the_domain_give_indeterminate(gated, tmp_path: Path, name: str, tags: dict, expected: str) -> None:
     models, _ = gated
     if name == "modality":  # a PET series is not analysed at all: series acceptance refuses it first
-        from appliance.pipeline.analyze import InputError
+        from edgescreen.appliance.pipeline.analyze import InputError
 
         study = write_series(tmp_path / "ct", study_hu(0, seed=7), SPACING, edit=_tags(**tags))
         with pytest.raises(InputError, match="no CT or MG image series"):
@@ -427,8 +427,8 @@ def test_features_surgery_on_the_reference_model(tmp_path: Path) -> None:
     """The features output the MODELS engineer exports, made here by graph surgery on a copy of the shipped
     stage 1 (pooled bottleneck = the input of the first ConvTranspose): the card accepts it and the
     sliding window averages it over tiles. The shipped model is not changed."""
-    from appliance.modelcard import load_card
-    from appliance.pipeline.analyze import ModelChoice, load_models
+    from edgescreen.appliance.modelcard import load_card
+    from edgescreen.appliance.pipeline.analyze import ModelChoice, load_models
 
     repo = Path(__file__).resolve().parent.parent / "models"
     card = json.loads((repo / "pancreas.stage1.json").read_text())

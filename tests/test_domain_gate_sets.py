@@ -14,12 +14,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from appliance.modelcard import load_card
-from appliance.pipeline.domain import attributes, intensity
-from appliance.pipeline.domain.verdict import DomainReport
+from edgescreen.appliance.modelcard import load_card
+from edgescreen.appliance.pipeline.domain import attributes, intensity
+from edgescreen.appliance.pipeline.domain.verdict import DomainReport
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
-phantom = pytest.importorskip("models.phantom.ct")
+phantom = pytest.importorskip("edgescreen.models.phantom.ct")
 SEED = 200_003  # held out: never trained or calibrated on
 
 
@@ -31,7 +31,7 @@ def _domains() -> list:
 
 
 def _verdict(tmp_path: Path, name: str, strip: bool = False, **knobs: object) -> DomainReport:
-    from appliance.pipeline.pancreas import load_canonical
+    from edgescreen.appliance.pipeline.pancreas import load_canonical
 
     acquisition = phantom.Acquisition(**knobs)
     probe = phantom.generate_ct_volume(SEED, None, matrix=16, slices=8)

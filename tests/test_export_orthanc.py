@@ -22,9 +22,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from appliance.config.site import Pacs
-from appliance.dicom.export import export_pending, queue_export
-from appliance.store import Store
+from edgescreen.appliance.config.site import Pacs
+from edgescreen.appliance.dicom.export import export_pending, queue_export
+from edgescreen.appliance.store import Store
 from tests.conftest import EDGESCREEN, REPO
 from tests.fault_proxy import FaultProxy
 from tests.orthanc_server import ORTHANC, OrthancServer, _config, _free_port, _stop, orthanc, requires_orthanc

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 
-from appliance.dicom import sop
+from edgescreen.appliance.dicom import sop
 from tests import fuzz_support as fz
 from tests.test_dicom_support import (
     RECEIVE_PATH,
@@ -147,9 +147,9 @@ def test_cstore_fuzz_then_clean_stop_and_no_leaked_slot(path: str, tmp_path: Pat
 def test_upload_ingest_fuzz(tmp_path: Path) -> None:
     """The upload door: the same damaged files through ingest_file; each is stored whole, quarantined or
     refused with its reason, and nothing raises."""
-    from appliance.config.site import Dicom
-    from appliance.dicom.header import parse_file
-    from appliance.dicom.ingest import Ingestor, ingest_file
+    from edgescreen.appliance.config.site import Dicom
+    from edgescreen.appliance.dicom.header import parse_file
+    from edgescreen.appliance.dicom.ingest import Ingestor, ingest_file
 
     store = open_store(tmp_path / "data")
     cfg = Dicom(min_free_mb=0)

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from appliance.dicom import sop
-from appliance.dicom.header import Refusal, check_instance, parse_dataset, split_file_meta
+from edgescreen.appliance.dicom import sop
+from edgescreen.appliance.dicom.header import Refusal, check_instance, parse_dataset, split_file_meta
 from tests import fuzz_support as fz
 
 SYNTAXES = (*fz.SYNTAXES, "1.2.840.10008.1.2.4.50", "1.2.3.4")
@@ -127,7 +127,7 @@ def nut_reply(draw: st.DrawFn) -> bytes:
 
 
 def test_nut_client_fuzz() -> None:
-    from appliance.power.nut import NutPowerSource, quote, split_line
+    from edgescreen.appliance.power.nut import NutPowerSource, quote, split_line
 
     counts = {"cases": 0, "crashes": 0, "quarantined": 0, "refused": 0, "accepted": 0}
     upsd = ScriptedUpsd()
@@ -202,7 +202,7 @@ def site_toml(draw: st.DrawFn) -> str:
 
 
 def test_site_config_fuzz(tmp_path: Path) -> None:
-    from appliance.config import ConfigError, load_site_config
+    from edgescreen.appliance.config import ConfigError, load_site_config
 
     counts = {"cases": 0, "crashes": 0, "quarantined": 0, "refused": 0, "accepted": 0}
     path = tmp_path / "site.toml"

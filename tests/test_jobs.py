@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config.site import RetryPolicy
-from appliance.scheduler import control, retry
-from appliance.store import InvalidTransition, Store, jobs
-from appliance.store.instances import IncomingInstance, store_instance
-from appliance.store.outbox import OutboxItem
+from edgescreen.appliance.config.site import RetryPolicy
+from edgescreen.appliance.scheduler import control, retry
+from edgescreen.appliance.store import InvalidTransition, Store, jobs
+from edgescreen.appliance.store.instances import IncomingInstance, store_instance
+from edgescreen.appliance.store.outbox import OutboxItem
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -170,7 +170,7 @@ def test_error_classes() -> None:
     assert set(retry.ERROR_CLASSES) == {"disk_full", "database", "io", "memory"}
     from typing import get_args
 
-    from appliance.config.site import Scheduler
+    from edgescreen.appliance.config.site import Scheduler
 
     # the classes a site may tune are exactly the classes the worker knows
     assert set(get_args(get_args(Scheduler.model_fields["retry"].annotation)[0])) == set(retry.ERROR_CLASSES)
@@ -190,9 +190,9 @@ def test_progress_and_stage_position(data_dir: Path) -> None:
 
 
 def test_pause_closes_the_gate_naming_who_and_resume_opens_it(data_dir: Path) -> None:
-    from appliance.config.site import SiteConfig
-    from appliance.context import AppContext
-    from appliance.scheduler.live import LiveGate
+    from edgescreen.appliance.config.site import SiteConfig
+    from edgescreen.appliance.context import AppContext
+    from edgescreen.appliance.scheduler.live import LiveGate
 
     ctx = AppContext(config=SiteConfig.model_validate({"scheduler": {"idle_grace_s": 0}}), data_dir=data_dir)
     gate = LiveGate(ctx)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.modelcard import load_card, model_path, sha256_file
-from appliance.pipeline import mammo as pipeline
+from edgescreen.appliance.modelcard import load_card, model_path, sha256_file
+from edgescreen.appliance.pipeline import mammo as pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 CARD = REPO / "models" / "mammo.json"
@@ -72,8 +72,8 @@ def test_onnx_runs_on_its_declared_input(card) -> None:
 
 def test_training_uses_the_pipeline_preprocessing(card) -> None:
     pytest.importorskip("torch")
-    from models.train import mammo as train
-    from models.train import mammo_data
+    from edgescreen.models.train import mammo as train
+    from edgescreen.models.train import mammo_data
 
     assert mammo_data.prepare_mammogram is pipeline.prepare_mammogram
     assert train.default_preprocessing() == card.preprocessing
@@ -82,8 +82,8 @@ def test_training_uses_the_pipeline_preprocessing(card) -> None:
 def test_training_step_smoke() -> None:
     """Both training phases and hard-negative mining on two synthetic 64 px images (a few seconds)."""
     torch = pytest.importorskip("torch")
-    from models.train import mammo as train
-    from models.train.mammo_data import Finding, MammoDataset, Record
+    from edgescreen.models.train import mammo as train
+    from edgescreen.models.train.mammo_data import Finding, MammoDataset, Record
 
     rng = np.random.default_rng(0)
     images = rng.random((2, 64, 64), dtype=np.float32)

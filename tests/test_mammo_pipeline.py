@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from appliance import RESEARCH_USE_BANNER
-from appliance.cli import predict_mammo
-from appliance.modelcard import load_card
-from appliance.pipeline import mammo as pipeline
+from edgescreen.appliance import RESEARCH_USE_BANNER
+from edgescreen.appliance.cli import predict_mammo
+from edgescreen.appliance.modelcard import load_card
+from edgescreen.appliance.pipeline import mammo as pipeline
 from tests.conftest import minimias_dir, requires_minimias
 
 MIAS = minimias_dir() or Path("/nonexistent")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.modelcard import CardError, load_card, sha256_file
+from edgescreen.appliance.modelcard import CardError, load_card, sha256_file
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 PANCREAS = ("pancreas.stage1", "pancreas.stage2", "pancreas.stage3")
@@ -89,7 +89,7 @@ def test_changed_model_file_is_detected(tmp_path: Path) -> None:
 
 def test_models_evaluate_takes_the_options_make_models_passes() -> None:
     """`make models` runs `edgescreen models evaluate --n 120 --stage1-n 60 --update-cards`: it must parse."""
-    from appliance.cli import build_parser
+    from edgescreen.appliance.cli import build_parser
 
     args = build_parser().parse_args(["models", "evaluate", "--n", "120", "--stage1-n", "60", "--update-cards"])
     assert (args.models_command, args.n, args.stage1_n, args.update_cards) == ("evaluate", 120, 60, True)
@@ -201,7 +201,7 @@ def _clinic_models(root: Path, mask_channel: str) -> Path:
 def test_a_clinics_own_stage1_of_another_shape_runs_by_card_alone(tmp_path: Path) -> None:
     """Another patch size, spacing, normalisation, depth and class list, and a stage 2 that takes stage 1's
     pancreas as a second channel: the pipeline reads only the cards (no code knows these models)."""
-    from appliance.pipeline.analyze import AnalysisRequest, analyze_study
+    from edgescreen.appliance.pipeline.analyze import AnalysisRequest, analyze_study
     from tests.test_pancreas_pipeline import write_study
 
     study = write_study(tmp_path / "ct")
@@ -221,8 +221,8 @@ def test_a_clinics_own_stage1_of_another_shape_runs_by_card_alone(tmp_path: Path
 
 
 def test_a_mask_channel_naming_no_stage1_class_is_refused(tmp_path: Path) -> None:
-    from appliance.pipeline.analyze import AnalysisRequest, analyze_study
-    from appliance.pipeline.pancreas import PipelineError
+    from edgescreen.appliance.pipeline.analyze import AnalysisRequest, analyze_study
+    from edgescreen.appliance.pipeline.pancreas import PipelineError
     from tests.test_pancreas_pipeline import write_study
 
     models = _clinic_models(tmp_path / "clinic", "duodenum_mask")

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from appliance.pipeline import activations, metrics
-from appliance.pipeline.preprocess import bbox_centre
+from edgescreen.appliance.pipeline import activations, metrics
+from edgescreen.appliance.pipeline.preprocess import bbox_centre
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def test_bbox_centre_of_a_mask() -> None:
 def test_key_images_with_an_empty_pancreas_and_lesion_mask(tmp_path: Path) -> None:
     """A pancreas found on stage 1's coarse grid can vanish on the source slices: the key image then shows
     the middle slice with why, and a lesion mask that is empty gets no key image (no crash either way)."""
-    from appliance.pipeline.analyze import _ct_key_images
+    from edgescreen.appliance.pipeline.analyze import _ct_key_images
 
     result = SimpleNamespace(ct=SimpleNamespace(hu=np.full((9, 32, 32), 40.0, np.float32),
                                                 grid=SimpleNamespace(spacing=(3.0, 0.8, 0.8))))
@@ -93,20 +93,16 @@ def test_no_second_copy_outside_the_training_tree() -> None:
     assert copies == []
 
 
-# Still to be replaced by their owners (issue 17 item 4); a new assert anywhere else fails this test.
-ASSERTS_PENDING = {"appliance/provisioning.py", "appliance/dicom/export.py", "appliance/sync/service.py"}
 
 
 def test_no_assert_for_control_flow_in_the_appliance() -> None:
     """`python -O` strips asserts: a check the appliance relies on raises an error that says what is wrong."""
     found = sorted(f"{path.relative_to(REPO)}:{node.lineno}" for path in (REPO / "appliance").rglob("*.py")
-                   if str(path.relative_to(REPO)) not in ASSERTS_PENDING
                    for node in ast.walk(ast.parse(path.read_text(), str(path))) if isinstance(node, ast.Assert))
     assert found == []
 
 
-# The SOP class lists live in appliance/dicom/sop.py; still to go (SPEED): ctload's unused copy.
-SOP_LISTS_PENDING = {"appliance/pipeline/ctload.py"}
+# The SOP class lists live in appliance/dicom/sop.py.
 
 
 def test_the_sop_class_lists_are_defined_once() -> None:
@@ -114,7 +110,7 @@ def test_the_sop_class_lists_are_defined_once() -> None:
     for pkg in ("appliance", "optimize", "models"):
         for path in (REPO / pkg).rglob("*.py"):
             rel = str(path.relative_to(REPO))
-            if rel == "appliance/dicom/sop.py" or rel in SOP_LISTS_PENDING:
+            if rel == "appliance/dicom/sop.py":
                 continue
             for node in ast.walk(ast.parse(path.read_text(), rel)):
                 targets = node.targets if isinstance(node, ast.Assign) else \

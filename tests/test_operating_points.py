@@ -18,11 +18,11 @@ from typing import Any
 import pydicom
 import pytest
 
-from appliance.config.site import Triage
-from appliance.modelcard import CardError, ModelCard, load_card
-from appliance.pipeline.analyze import AnalysisRequest, AnalysisSettings, analyze_study
-from appliance.pipeline.operating_point import OperatingPointError, resolve
-from appliance.pipeline.outputs.text import operating_point_text
+from edgescreen.appliance.config.site import Triage
+from edgescreen.appliance.modelcard import CardError, ModelCard, load_card
+from edgescreen.appliance.pipeline.analyze import AnalysisRequest, AnalysisSettings, analyze_study
+from edgescreen.appliance.pipeline.operating_point import OperatingPointError, resolve
+from edgescreen.appliance.pipeline.outputs.text import operating_point_text
 from tests.test_pancreas_pipeline import write_study, write_test_models
 
 PDFTOTEXT = shutil.which("pdftotext")
@@ -136,7 +136,7 @@ def _texts(ds: pydicom.Dataset) -> list[str]:
 
 def test_cli_operating_point_and_a_name_the_card_lacks(models: Path, normal_study: list[Path], tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from appliance.cli import analyze as cli
+    from edgescreen.appliance.cli import analyze as cli
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
@@ -153,7 +153,7 @@ def test_cli_operating_point_and_a_name_the_card_lacks(models: Path, normal_stud
 
 
 def test_thresholds_for_each_target_from_calibration_scores() -> None:
-    from models.domain_calibrate import operating_points
+    from edgescreen.models.domain_calibrate import operating_points
 
     normal = [i / 100 for i in range(100)]  # 0.00 .. 0.99
     lesion = [0.5 + i / 40 for i in range(20)]  # 0.500 .. 0.975

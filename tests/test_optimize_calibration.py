@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from appliance.cli import optimize_cmd
-from appliance.modelcard import ModelCard
-from optimize.calibration import (
+from edgescreen.appliance.cli import optimize_cmd
+from edgescreen.appliance.modelcard import ModelCard
+from edgescreen.optimize.calibration import (
     CALIBRATION_SEED_BASE,
     HELDOUT_SEED_BASE,
     LESION_CLASSES,
@@ -119,7 +119,7 @@ def test_optimize_command_without_the_optimiser_says_how_to_install(monkeypatch:
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optimize" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "edgescreen.optimize" else real(name, *a))
     parser = argparse.ArgumentParser()
     optimize_cmd.add_arguments(parser)
     code = optimize_cmd.run(parser.parse_args(["--out", "x"]), SimpleNamespace())
@@ -139,7 +139,7 @@ def test_stage1_truth_maps_organs_by_name_whatever_the_class_order() -> None:
 
 
 def test_refused_seeds_are_replaced_keeping_the_lesion_mix() -> None:
-    from optimize.calibration import Case, build_cases
+    from edgescreen.optimize.calibration import Case, build_cases
 
     card = _card("pancreas.stage2", ["ct"], [{"name": "o", "kind": "classification", "activation": "sigmoid",
                                               "classes": ["abnormal"]}], crop_size=[4, 4, 4])
@@ -160,8 +160,8 @@ def test_the_appliance_cli_never_imports_the_optimiser() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, appliance.cli, appliance.bundle; appliance.cli.build_parser(); "
-            "bad = [m for m in ('optimize', 'nncf', 'onnx') if m in sys.modules]; assert not bad, bad")
+    code = ("import sys, edgescreen.appliance.cli as cli, edgescreen.appliance.bundle; cli.build_parser(); "
+            "bad = [m for m in ('edgescreen.optimize', 'nncf', 'onnx') if m in sys.modules]; assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-500:]

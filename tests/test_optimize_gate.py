@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.modelcard import ModelCard, load_card
-from appliance.runtime import get_backend
-from optimize import gate
-from optimize.calibration import Case
-from optimize.toymodels import ToySpec, perturb_onnx, toy_case, write_toy_model
+from edgescreen.appliance.modelcard import ModelCard, load_card
+from edgescreen.appliance.runtime import get_backend
+from edgescreen.optimize import gate
+from edgescreen.optimize.calibration import Case
+from edgescreen.optimize.toymodels import ToySpec, perturb_onnx, toy_case, write_toy_model
 
 SEG = ToySpec("pancreas.stage1", "seg3d", (16, 24, 24), 4)
 CLS = ToySpec("pancreas.stage3", "cls3d", (8, 16, 16), 8)
@@ -105,7 +105,7 @@ def test_sigmoid_scores_use_the_card_threshold_and_heatmaps_correlate() -> None:
 
 def _features_card(ood: bool, tiled: bool = False) -> ModelCard:
     """A classification card with a features output and, optionally, an OOD statistic on it (F = 4)."""
-    from optimize.toymodels import toy_card
+    from edgescreen.optimize.toymodels import toy_card
 
     doc = toy_card(CLS, "toy.onnx")
     doc["outputs"].append({"name": "features", "kind": "features", "activation": "none", "size": 4})

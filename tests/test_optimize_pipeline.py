@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.bundle import ensure_signing_key, load_public_key, verify_bundle
-from appliance.config import load_profile
-from optimize import run as run_mod
-from optimize.candidates import Attempt, CandidateSpec
-from optimize.cli import build_and_sign, parse_candidates
-from optimize.gate import Thresholds
-from optimize.run import Options, fixed_input_shapes
-from optimize.toymodels import ToySpec, perturb_onnx, toy_case, toy_volume, write_toy_model
+from edgescreen.appliance.bundle import ensure_signing_key, load_public_key, verify_bundle
+from edgescreen.appliance.config import load_profile
+from edgescreen.optimize import run as run_mod
+from edgescreen.optimize.candidates import Attempt, CandidateSpec
+from edgescreen.optimize.cli import build_and_sign, parse_candidates
+from edgescreen.optimize.gate import Thresholds
+from edgescreen.optimize.run import Options, fixed_input_shapes
+from edgescreen.optimize.toymodels import ToySpec, perturb_onnx, toy_case, toy_volume, write_toy_model
 from tests.conftest import run_cli
 
 SEG = ToySpec("pancreas.stage1", "seg3d", (16, 24, 24), 4)
@@ -84,7 +84,7 @@ def test_signed_bundle_with_gates_and_same_run_ratios(toy: tuple[Path, Path], tm
 def test_a_window_that_changes_the_answer_is_refused(toy: tuple[Path, Path], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Tile size is gated like a quantiser: an option whose volumes disagree with FP32 is never chosen."""
-    from optimize import window as window_mod
+    from edgescreen.optimize import window as window_mod
 
     card, _ = toy
     real = window_mod.run_cases
@@ -149,7 +149,7 @@ def test_no_passing_candidate_writes_no_bundle(toy: tuple[Path, Path], tmp_path:
 
 
 def test_fixed_input_shapes_come_from_the_card(toy: tuple[Path, Path]) -> None:
-    from appliance.modelcard import load_card
+    from edgescreen.appliance.modelcard import load_card
 
     assert fixed_input_shapes(load_card(toy[0])) == {"image": [1, 1, 16, 24, 24]}
 
@@ -179,7 +179,7 @@ def test_cli_optimize_writes_a_verifiable_bundle(toy: tuple[Path, Path], tmp_pat
 
 
 def test_select_energy_prefers_the_lowest_joules() -> None:
-    from optimize.benchmark import BenchResult
+    from edgescreen.optimize.benchmark import BenchResult
 
     def outcome(name: str, p50: float, joules: float) -> run_mod.CandidateOutcome:
         bench = BenchResult(p50, p50, p50, 1000 / p50, 10, 1, 0.1, 100.0, joules, True, "estimate")
@@ -195,7 +195,7 @@ def test_select_energy_prefers_the_lowest_joules() -> None:
 
 def test_accuracy_control_is_tried_near_the_gate_and_skipped_far_from_it() -> None:
     """Accuracy control costs minutes: one or two flipped decisions are worth it, a quarter of them is not."""
-    from optimize.gate import GateResult
+    from edgescreen.optimize.gate import GateResult
 
     near = GateResult(passed=False, decision_agreement=23 / 24, auc_drop=0.0234)
     far = GateResult(passed=False, decision_agreement=18 / 24, dice_vs_fp32=0.972)

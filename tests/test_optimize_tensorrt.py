@@ -9,10 +9,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from optimize import tensorrt_build
-from optimize.candidates import BuildOptions, CandidateSpec, attempts, availability
-from optimize.quantize_ort import quantize_qdq
-from optimize.toymodels import ToySpec, build_toy_onnx, toy_case
+from edgescreen.optimize import tensorrt_build
+from edgescreen.optimize.candidates import BuildOptions, CandidateSpec, attempts, availability
+from edgescreen.optimize.quantize_ort import quantize_qdq
+from edgescreen.optimize.toymodels import ToySpec, build_toy_onnx, toy_case
 
 SEG = ToySpec("pancreas.stage1", "seg3d", (8, 16, 16), 4)
 HAS_GPU, WHY_NOT = tensorrt_build.availability()
@@ -58,7 +58,7 @@ def test_tensorrt_engine_builds_with_a_timing_cache(tmp_path: Path, precision: s
     assert engine.suffix == ".engine" and engine.stat().st_size > 0 and files == [engine]
     cache = tensorrt_build.timing_cache_path(tmp_path / "cache")
     assert cache.is_file() and cache.stat().st_size > 0
-    from appliance.runtime import get_backend
+    from edgescreen.appliance.runtime import get_backend
 
     with get_backend("tensorrt").load(engine, device="GPU", precision=precision) as session:
         out = session.run(cases[0].inputs)

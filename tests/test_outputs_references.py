@@ -20,9 +20,9 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from appliance.pipeline.ctload import load_ct_series
-from appliance.pipeline.outputs import DicomOutputError, write_dicom_outputs
-from appliance.pipeline.outputs.pdf import render_pdf
+from edgescreen.appliance.pipeline.ctload import load_ct_series
+from edgescreen.appliance.pipeline.outputs import DicomOutputError, write_dicom_outputs
+from edgescreen.appliance.pipeline.outputs.pdf import render_pdf
 from tests.test_dicom_outputs import (
     DCIODVFY,
     _dciodvfy,

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from appliance.pipeline.checkpoint import CheckpointStore, Preempted
-from appliance.pipeline.preprocess import Grid, map_to_grid, resample, sample_box, zoomed_grid
-from appliance.pipeline.sliding_window import WindowSpec, sliding_window
+from edgescreen.appliance.pipeline.checkpoint import CheckpointStore, Preempted
+from edgescreen.appliance.pipeline.preprocess import Grid, map_to_grid, resample, sample_box, zoomed_grid
+from edgescreen.appliance.pipeline.sliding_window import WindowSpec, sliding_window
 from tests.test_ctload import write_series
 
 onnx = pytest.importorskip("onnx")
@@ -181,7 +181,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 def _analyze(paths: list[Path], out: Path, models: Path, *, gate: Any = None, checkpoint_dir: Path | None = None,
              **settings: Any) -> dict:
-    from appliance.pipeline.analyze import AnalysisRequest, AnalysisSettings, analyze_study
+    from edgescreen.appliance.pipeline.analyze import AnalysisRequest, AnalysisSettings, analyze_study
 
     return analyze_study(AnalysisRequest(paths, out, models_dir=models, gate=gate, checkpoint_dir=checkpoint_dir,
                                          settings=AnalysisSettings(**settings)))
@@ -262,7 +262,7 @@ def test_map_to_grid_roundtrip() -> None:
 
 
 def test_lesion_geometry() -> None:
-    from appliance.pipeline.pancreas import longest_diameter_mm, pancreas_axis
+    from edgescreen.appliance.pipeline.pancreas import longest_diameter_mm, pancreas_axis
 
     pts = np.array([[0, 0, 0], [0, 3, 4], [12, 0, 0], [1, 1, 1]], float)
     assert longest_diameter_mm(pts) == pytest.approx(np.sqrt(144 + 9 + 16))
@@ -334,7 +334,7 @@ def test_no_pancreas_is_indeterminate(tmp_path: Path, models_dir: Path) -> None:
 def test_masks_on_source_grid_for_dicom_outputs(tmp_path: Path, models_dir: Path, study: list[Path],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The DICOM writer gets uint8 masks on the source slices (sorted order), one per lesion."""
-    import appliance.pipeline.analyze as analyze_mod
+    import edgescreen.appliance.pipeline.analyze as analyze_mod
 
     captured: dict[str, Any] = {}
 
@@ -374,7 +374,7 @@ def _safe_points(paths: list[Path], out: Path, models: Path, **kwargs: Any) -> t
 @pytest.fixture
 def no_dicom_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skip SEG/SR/PDF writing (its own tests cover it) where a test runs the cascade dozens of times."""
-    import appliance.pipeline.analyze as analyze_mod
+    import edgescreen.appliance.pipeline.analyze as analyze_mod
 
     monkeypatch.setattr(analyze_mod, "_dicom_outputs", lambda *args, **kwargs: [])
 
@@ -446,8 +446,8 @@ def test_reference_models_on_ct_phantom(tmp_path: Path) -> None:
     How well they find things is models/evaluate.py's business (REPORT.md); here: valid findings, the
     models' identities, the gland found with a plausible volume, and each lesion's location.
     """
-    from appliance.modelcard import load_card
-    from models.phantom import ct as phantom_ct
+    from edgescreen.appliance.modelcard import load_card
+    from edgescreen.models.phantom import ct as phantom_ct
 
     assert _reference_models_present(), "models/pancreas.stage{1,2,3}.json are committed reference models"
 
@@ -468,10 +468,15 @@ def test_reference_models_on_ct_phantom(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_stage1_matches_training_code_bitwise(tmp_path: Path) -> None:
     """The pipeline's stage 1 (ctload, resample, window, tiles) equals models/train/ct_common exactly."""
-    from appliance.pipeline.pancreas import _channel_stack, _infer, load_canonical, load_stage_model
-    from appliance.pipeline.preprocess import normalize, normalized_air
-    from models.phantom import ct as phantom_ct
-    from models.train import ct_common as cc
+    from edgescreen.appliance.pipeline.pancreas import (
+        _channel_stack,
+        _infer,
+        load_canonical,
+        load_stage_model,
+    )
+    from edgescreen.appliance.pipeline.preprocess import normalize, normalized_air
+    from edgescreen.models.phantom import ct as phantom_ct
+    from edgescreen.models.train import ct_common as cc
 
     ph = phantom_ct.generate_ct_volume(11, "pdac", slices=48, matrix=160)
     ct = load_canonical(phantom_ct.write_ct_series(ph, tmp_path / "ct", 11))
@@ -496,7 +501,7 @@ def test_label_volume_for_the_viewer_matches_the_seg(tmp_path: Path, models_dir:
     organs; the web viewer draws from it without reading DICOM."""
     import highdicom as hd
 
-    from appliance.pipeline.outputs.labels import read_labels, slice_labels
+    from edgescreen.appliance.pipeline.outputs.labels import read_labels, slice_labels
 
     findings = _analyze(study, tmp_path / "out", models_dir)
     assert "labels.npz" in findings["outputs"]

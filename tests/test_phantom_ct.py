@@ -16,8 +16,8 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from appliance import RESEARCH_USE_BANNER
-from models.phantom.ct import (
+from edgescreen.appliance import RESEARCH_USE_BANNER
+from edgescreen.models.phantom.ct import (
     LESION_CLASSES,
     ORGAN_LABELS,
     Acquisition,

@@ -11,9 +11,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from appliance import RESEARCH_USE_BANNER
-from models.phantom import _dicom
-from models.phantom.mg import MG_FINDINGS, generate_mg_image, write_mg_exam
+from edgescreen.appliance import RESEARCH_USE_BANNER
+from edgescreen.models.phantom import _dicom
+from edgescreen.models.phantom.mg import MG_FINDINGS, generate_mg_image, write_mg_exam
 
 VIEW_CODES = {"CC": "399162004", "MLO": "399368009"}  # SNOMED CT: cranio-caudal, medio-lateral oblique
 

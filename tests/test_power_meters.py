@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from appliance.power import (
+from edgescreen.appliance.power import (
     BatteryPowerSource,
     EstimatedMeter,
     Ina3221Meter,
@@ -22,8 +22,8 @@ from appliance.power import (
     RaplMeter,
     detect_meter,
 )
-from appliance.power.battery import NO_BATTERY
-from appliance.power.meters import energy_delta_uj
+from edgescreen.appliance.power.battery import NO_BATTERY
+from edgescreen.appliance.power.meters import energy_delta_uj
 
 RAPL_RANGE = 262_143_328_850  # a real max_energy_range_uj (Skylake client)
 
@@ -229,7 +229,7 @@ def test_ina3221_garbage_value_is_an_error_not_a_crash(tmp_path: Path) -> None:
 
 def test_ina3221_rail_with_nothing_to_read_is_refused_at_detection(tmp_path: Path) -> None:
     """A rail with no power file and no voltage/current pair says so when the meter is made, not later."""
-    from appliance.power.meters import _Rail
+    from edgescreen.appliance.power.meters import _Rail
 
     with pytest.raises(MeterUnavailable, match="VDD_IN: no power file and no voltage and current pair"):
         Ina3221Meter([_Rail("VDD_IN", None, None, None)])

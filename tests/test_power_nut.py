@@ -9,9 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from appliance.power import NutClient, NutError, NutPowerSource, NutUnavailable, PowerReading, parse_status
-from appliance.power.nut import quote, reading_from_vars, split_line
-from appliance.power.sources import on_mains_from_flags
+from edgescreen.appliance.power import (
+    NutClient,
+    NutError,
+    NutPowerSource,
+    NutUnavailable,
+    PowerReading,
+    parse_status,
+)
+from edgescreen.appliance.power.nut import quote, reading_from_vars, split_line
+from edgescreen.appliance.power.sources import on_mains_from_flags
 from tests.nut_server import NutServer, NutServerError, nut_ups, requires_nut
 
 ON_LINE = """\

@@ -19,8 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from appliance.bundle import current_bundle, key_paths, load_trusted_keys, sign_bytes, verify_bundle
-from appliance.config import load_site_config
+from edgescreen.appliance.bundle import (
+    current_bundle,
+    key_paths,
+    load_trusted_keys,
+    sign_bytes,
+    verify_bundle,
+)
+from edgescreen.appliance.config import load_site_config
 from tests.conftest import REPO, run_cli
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="provisioning runs as root (it creates users and root keys)"),
@@ -211,7 +217,13 @@ def _python_for(user: str) -> tuple[str, dict[str, str]]:
         return sys.executable, {}
     import sysconfig
 
-    return "/usr/bin/python3", {"PYTHONPATH": f"{REPO}:{sysconfig.get_paths()['purelib']}"}
+    # purelib as a site directory, not a plain path entry, so that its .pth files (the editable install's finder
+    # for the edgescreen namespace) are read: a sitecustomize on PYTHONPATH adds it at start-up
+    shim = Path(tempfile.mkdtemp(prefix="edgescreen-site-"))
+    shim.chmod(0o755)
+    (shim / "sitecustomize.py").write_text(f"import site\nsite.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
+    (shim / "sitecustomize.py").chmod(0o644)
+    return "/usr/bin/python3", {"PYTHONPATH": f"{shim}:{REPO}"}
 
 
 def test_prebuilt_bundle_and_the_services_user_cannot_read_the_signing_key(box: Box, service_user: str) -> None:
@@ -231,7 +243,7 @@ def test_prebuilt_bundle_and_the_services_user_cannot_read_the_signing_key(box: 
         assert denied.returncode != 0 and "Permission denied" in denied.stderr
         assert _as(service_user, python, "-c", f"open({str(public)!r}).read()").returncode == 0
         # the services' view: the config (group-readable), the data dir (theirs), bundles verified by public key
-        cli = [python, "-m", "appliance.cli", "--config", str(etc / "site.toml"), "--data-dir", str(data)]
+        cli = [python, "-m", "edgescreen.appliance.cli", "--config", str(etc / "site.toml"), "--data-dir", str(data)]
         listing = _as(service_user, *cli, "bundle", "list", "--json", env=env)
         assert listing.returncode == 0, listing.stderr
         (entry,) = json.loads(listing.stdout)

@@ -8,14 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from appliance.bundle import (
+from edgescreen.appliance.bundle import (
     EXPECTED_FINDINGS,
     EXPECTED_SIGNATURE,
     ensure_signing_key,
     install_bundle,
     load_trusted_keys,
 )
-from appliance.selftest import PROBABILITY_TOL, SelftestError, compare, load_expected, write_expected_findings
+from edgescreen.appliance.selftest import (
+    PROBABILITY_TOL,
+    SelftestError,
+    compare,
+    load_expected,
+    write_expected_findings,
+)
 from tests.test_upgrade import _bundle
 
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import ConfigError, load_site_config
-from appliance.config.site import Retention, SiteConfig
-from appliance.context import AppContext
-from appliance.store import Store, jobs
-from appliance.store import retention as ret
-from appliance.store.instances import IncomingInstance, store_instance
-from appliance.store.outbox import OutboxItem, claim, settle
+from edgescreen.appliance.config import ConfigError, load_site_config
+from edgescreen.appliance.config.site import Retention, SiteConfig
+from edgescreen.appliance.context import AppContext
+from edgescreen.appliance.store import Store, jobs
+from edgescreen.appliance.store import retention as ret
+from edgescreen.appliance.store.instances import IncomingInstance, store_instance
+from edgescreen.appliance.store.outbox import OutboxItem, claim, settle
 from tests.conftest import REPO, run_cli
 
 DAY = 86400.0
@@ -117,7 +117,7 @@ def test_result_files_audit_and_events_go_after_their_own_longer_times(store: St
 
 
 def test_quarantined_instances_expire(store: Store) -> None:
-    from appliance.store.instances import quarantine_record
+    from edgescreen.appliance.store.instances import quarantine_record
 
     _, path = quarantine_record(store, [b"not dicom"], "unreadable")
     with store.transaction() as conn:
@@ -159,7 +159,7 @@ def test_a_pass_interrupted_after_its_commit_finishes_on_the_next(store: Store, 
 
 
 def test_the_worker_applies_the_policy_when_idle(data_dir: Path) -> None:
-    from appliance.scheduler.worker import Worker
+    from edgescreen.appliance.scheduler.worker import Worker
 
     store = Store(data_dir)
     due = add_study(store, "worker")
@@ -205,7 +205,7 @@ def test_policy_must_keep_results_and_audit_longer(tmp_path: Path) -> None:
 
 
 def test_disk_full_messages_point_to_purge() -> None:
-    from appliance.scheduler import retry
+    from edgescreen.appliance.scheduler import retry
 
     message = retry.describe(OSError(errno.ENOSPC, "No space left on device"), "disk_full")
     assert "edgescreen purge" in message

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance.runtime import BackendUnavailable, available_backends, get_backend
-from appliance.runtime.select import FALLBACK, Choice, NoBackend, load_model
+from edgescreen.appliance.runtime import BackendUnavailable, available_backends, get_backend
+from edgescreen.appliance.runtime.select import FALLBACK, Choice, NoBackend, load_model
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
@@ -125,8 +125,8 @@ def test_plugins_import_without_vendor_libraries() -> None:
     import sys
 
     code = (
-        "import sys, appliance.runtime.openvino_backend, appliance.runtime.tensorrt_backend, "
-        "appliance.runtime.onnxruntime_backend, appliance.runtime.select\n"
+        "import sys, edgescreen.appliance.runtime.openvino_backend, edgescreen.appliance.runtime.tensorrt_backend, "
+        "edgescreen.appliance.runtime.onnxruntime_backend, edgescreen.appliance.runtime.select\n"
         "print(sorted(m for m in ('openvino', 'tensorrt', 'cuda', 'onnxruntime') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -208,7 +208,7 @@ def test_one_openvino_session_serves_several_shapes(model_path: Path) -> None:
 
 def test_openvino_falls_back_to_per_shape_compiles(model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Simulate a device (NPU, some GPUs) that refuses dynamic models: compile per shape instead."""
-    from appliance.runtime import openvino_backend
+    from edgescreen.appliance.runtime import openvino_backend
 
     real = openvino_backend._core()
     compiled_shapes: list[str] = []
@@ -277,7 +277,7 @@ def test_a_broken_bundle_artifact_falls_back_along_the_profile(model_path: Path,
                {"backend": "openvino", "device": "NPU", "precision": "fp16"},
                {"backend": "openvino", "device": "CPU", "precision": "fp32"},
                {"backend": "onnxruntime", "device": "CPU", "precision": "fp32"}]
-    with caplog.at_level(logging.WARNING, logger="appliance.runtime.select"):
+    with caplog.at_level(logging.WARNING, logger="edgescreen.appliance.runtime.select"):
         loaded = load_model("pancreas.stage1", reference=model_path,
                             first=Choice("bundle", "openvino", "CPU", "int8", xml), profile_candidates=profile)
     assert loaded.choice == Choice("profile", "openvino", "CPU", "fp32", model_path)
@@ -320,7 +320,7 @@ def test_a_missing_reference_model_is_an_install_error_not_a_fallback(tmp_path: 
 def test_every_shipped_profile_runs_the_reference_model_here(model_path: Path) -> None:
     """Whatever a shipped profile lists, a box whose bundle broke keeps screening on this machine."""
     tomllib = pytest.importorskip("tomllib")
-    from firmware_config import PROFILES_DIR
+    from edgescreen.firmware_config import PROFILES_DIR
 
     for path in sorted(PROFILES_DIR.glob("*.toml")):
         candidates = tomllib.loads(path.read_text())["candidates"]
@@ -480,7 +480,7 @@ def test_tensorrt_runner_plumbing_with_fake_libraries(tmp_path: Path, monkeypatc
     Real numerics need a GPU (test_tensorrt_engine_matches_onnxruntime); this catches plumbing
     mistakes on the everyday machines, where that test skips.
     """
-    from appliance.runtime import tensorrt_backend
+    from edgescreen.appliance.runtime import tensorrt_backend
 
     cudart = _FakeCudart()
     trt = _fake_tensorrt(cudart)
@@ -514,8 +514,8 @@ def test_tensorrt_runner_plumbing_with_fake_libraries(tmp_path: Path, monkeypatc
 def _signed_bundle_with_a_broken_backend(models_dir: Path, out: Path, key: Path) -> Path:
     """A signed bundle for the test models whose stage 1 names TensorRT (an engine built on another day's
     driver): signed and intact, but no box without that GPU stack can load it."""
-    from optimize.bundle import write_bundle
-    from optimize.report import markdown
+    from edgescreen.optimize.bundle import write_bundle
+    from edgescreen.optimize.report import markdown
 
     engine = out.parent / "stage1.engine"
     engine.write_bytes(b"a TensorRT engine from before the driver update")
@@ -542,12 +542,12 @@ def test_a_job_completes_on_the_next_backend_when_the_bundles_fails(tmp_path: Pa
     reference run within the accuracy gate, and the refusal is an event row the system page reads."""
     import json as _json
 
-    from appliance.bundle import ensure_signing_key
-    from appliance.config.site import Hardware, Scheduler, SiteConfig
-    from appliance.context import AppContext
-    from appliance.pipeline.analyze import AnalysisRequest, analyze_study
-    from appliance.scheduler.worker import Worker
-    from appliance.store import Store, jobs
+    from edgescreen.appliance.bundle import ensure_signing_key
+    from edgescreen.appliance.config.site import Hardware, Scheduler, SiteConfig
+    from edgescreen.appliance.context import AppContext
+    from edgescreen.appliance.pipeline.analyze import AnalysisRequest, analyze_study
+    from edgescreen.appliance.scheduler.worker import Worker
+    from edgescreen.appliance.store import Store, jobs
     from tests.test_dicom_assembly import ingest
     from tests.test_pancreas_pipeline import write_study, write_test_models
 
@@ -590,10 +590,10 @@ def test_a_job_completes_on_the_next_backend_when_the_bundles_fails(tmp_path: Pa
 def test_the_mammography_session_is_loaded_once_for_many_exams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker analyses exam after exam: the model session is loaded for the first and reused after
     (it was reloaded for every exam before), and the findings still name the model that ran."""
-    from appliance.pipeline import analyze as analyze_mod
-    from appliance.pipeline.analyze import AnalysisRequest, analyze_study
-    from appliance.runtime import select
-    from models.phantom.mg import write_mg_exam
+    from edgescreen.appliance.pipeline import analyze as analyze_mod
+    from edgescreen.appliance.pipeline.analyze import AnalysisRequest, analyze_study
+    from edgescreen.appliance.runtime import select
+    from edgescreen.models.phantom.mg import write_mg_exam
 
     exam = tmp_path / "exam"
     write_mg_exam(exam, 11, "malignant")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
-from models.phantom.ct import write_ct_study
-from models.phantom.mg import write_mg_exam
+from edgescreen.models.phantom.ct import write_ct_study
+from edgescreen.models.phantom.mg import write_mg_exam
 from tests.conftest import EDGESCREEN, REPO, run_cli
 from tests.nut_server import nut_ups
 from tests.test_dicom_mpps import MppsScu, _create_attrs

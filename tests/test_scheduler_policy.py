@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from appliance.config import load_profile
-from appliance.config.site import Power, Scheduler
-from appliance.power.sources import PowerReading
-from appliance.scheduler.policy import POWER_GRACE_S, PowerGate
-from appliance.scheduler.scanner import (
+from edgescreen.appliance.config import load_profile
+from edgescreen.appliance.config.site import Power, Scheduler
+from edgescreen.appliance.power.sources import PowerReading
+from edgescreen.appliance.scheduler.policy import POWER_GRACE_S, PowerGate
+from edgescreen.appliance.scheduler.scanner import (
     ManualSource,
     MppsSource,
     ScannerSignal,
@@ -19,7 +19,7 @@ from appliance.scheduler.scanner import (
     combine,
     set_manual,
 )
-from appliance.store import Store
+from edgescreen.appliance.store import Store
 
 T0 = 1_800_000_000.0
 MAINS = PowerReading(on_mains=True, low_battery=False, forced_shutdown=False, battery_percent=100.0, runtime_s=3600.0,
@@ -160,7 +160,7 @@ def test_sources_read_the_store(tmp_path) -> None:
 
 def test_jetson_power_mode_is_switched_once_per_change(tmp_path) -> None:
     """nvpmodel exists only on a Jetson; a stand-in executable records the calls the worker makes."""
-    from appliance.scheduler.worker import PowerModeSwitch
+    from edgescreen.appliance.scheduler.worker import PowerModeSwitch
 
     calls = tmp_path / "calls"
     tool = tmp_path / "nvpmodel"

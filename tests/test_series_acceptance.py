@@ -21,10 +21,10 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from appliance.dicom.assembly import complete_stable_series
-from appliance.pipeline import accepts
-from appliance.pipeline.analyze import InputError, choose_pipeline, group_series
-from appliance.store import Store
+from edgescreen.appliance.dicom.assembly import complete_stable_series
+from edgescreen.appliance.pipeline import accepts
+from edgescreen.appliance.pipeline.analyze import InputError, choose_pipeline, group_series
+from edgescreen.appliance.store import Store
 from tests.test_dicom_assembly import ingest
 from tests.test_dicom_support import _file_dataset, write_ct_series, write_mg_series
 
@@ -209,7 +209,7 @@ def test_analyze_decides_as_the_rules(name: str, written: dict) -> None:
 
 def test_the_sop_class_lists_are_the_dicom_services() -> None:
     """One list of CT / MG SOP classes: the rules use what the DICOM service accepts."""
-    from appliance.dicom import sop
+    from edgescreen.appliance.dicom import sop
 
     assert accepts.CT_SOP_CLASSES is sop.CT_SOP_CLASSES and accepts.MG_SOP_CLASSES is sop.MG_SOP_CLASSES
     assert set(sop.STORAGE_SOP_CLASSES) >= accepts.CT_SOP_CLASSES | accepts.MG_SOP_CLASSES

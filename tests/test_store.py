@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance.store import InvalidTransition, Store, StoreError, atomic_write, jobs
-from appliance.store.files import TMP_SUFFIX
-from appliance.store.instances import IncomingInstance, store_instance
-from appliance.store.migrations import MIGRATIONS
-from appliance.store.worklist import list_studies
+from edgescreen.appliance.store import InvalidTransition, Store, StoreError, atomic_write, jobs
+from edgescreen.appliance.store.files import TMP_SUFFIX
+from edgescreen.appliance.store.instances import IncomingInstance, store_instance
+from edgescreen.appliance.store.migrations import MIGRATIONS
+from edgescreen.appliance.store.worklist import list_studies
 from tests.conftest import REPO
 
 
@@ -131,7 +131,7 @@ def test_sigkill_at_random_points_leaves_a_consistent_store(data_dir: Path) -> N
 def test_recovery_spares_temp_files_of_live_writers(data_dir: Path) -> None:
     import os
 
-    from appliance.store.files import remove_temp_files
+    from edgescreen.appliance.store.files import remove_temp_files
 
     live = data_dir / f".x.dcm.{os.getpid()}.123{TMP_SUFFIX}"
     dead = data_dir / f".y.dcm.4999999{TMP_SUFFIX}"  # above any pid_max: no such process

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import SiteConfig
-from appliance.context import AppContext
-from appliance.doctor import Box, check_database
-from appliance.store import Store, heartbeat
-from appliance.store.db import RECOVERY_MARGIN_S
-from appliance.store.instances import IncomingInstance, store_instance
+from edgescreen.appliance.config import SiteConfig
+from edgescreen.appliance.context import AppContext
+from edgescreen.appliance.doctor import Box, check_database
+from edgescreen.appliance.store import Store, heartbeat
+from edgescreen.appliance.store.db import RECOVERY_MARGIN_S
+from edgescreen.appliance.store.instances import IncomingInstance, store_instance
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance.pipeline.accepts import PIPELINES
-from appliance.store import Store, jobs
-from appliance.store import db as db_module
-from appliance.store.migrations import MIGRATIONS
+from edgescreen.appliance.pipeline.accepts import PIPELINES
+from edgescreen.appliance.store import Store, jobs
+from edgescreen.appliance.store import db as db_module
+from edgescreen.appliance.store.migrations import MIGRATIONS
 
 REBUILD = 8  # the migration under test (1-based, as PRAGMA user_version counts)
 
@@ -46,7 +46,7 @@ def old_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     data = tmp_path / "data"
     store = Store(data)
     assert store.schema_version() == REBUILD - 1
-    from appliance.store.worklist import ensure_worklist
+    from edgescreen.appliance.store.worklist import ensure_worklist
 
     ensure_worklist(store)
     now = time.time()
@@ -133,7 +133,7 @@ def test_pipeline_names_are_checked_by_the_code_not_the_schema(tmp_path: Path) -
 def test_the_worklist_triggers_come_back_after_the_rebuild(old_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The rebuild drops the triggers on jobs and results; the worklist reinstalls them (and rebuilds its
     rows) on first use, after which a job's change reaches the worklist again."""
-    from appliance.store.worklist import TRIGGER_PREFIX, ensure_worklist
+    from edgescreen.appliance.store.worklist import TRIGGER_PREFIX, ensure_worklist
 
     monkeypatch.setattr(db_module, "MIGRATIONS", MIGRATIONS)
     store = Store(old_store)

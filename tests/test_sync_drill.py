@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pydicom
 
-from appliance.store import Store, outbox
-from appliance.store.outbox import OutboxItem
+from edgescreen.appliance.store import Store, outbox
+from edgescreen.appliance.store.outbox import OutboxItem
 from tests.conftest import EDGESCREEN, REPO
 from tests.fault_proxy import FaultProxy
 from tests.postgres_server import postgres, requires_postgres

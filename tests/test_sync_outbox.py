@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.store import Store, outbox
-from appliance.store.outbox import OutboxError, OutboxItem
-from appliance.sync.status import summary
+from edgescreen.appliance.store import Store, outbox
+from edgescreen.appliance.store.outbox import OutboxError, OutboxItem
+from edgescreen.appliance.sync.status import summary
 
 
 def _store(tmp_path: Path) -> Store:

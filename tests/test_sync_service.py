@@ -19,11 +19,11 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from appliance.config.site import SiteConfig
-from appliance.context import AppContext
-from appliance.store import Store, outbox
-from appliance.sync.service import LINK_PROBE_MAX_S, SyncService, in_windows
-from appliance.sync.status import summary
+from edgescreen.appliance.config.site import SiteConfig
+from edgescreen.appliance.context import AppContext
+from edgescreen.appliance.store import Store, outbox
+from edgescreen.appliance.sync.service import LINK_PROBE_MAX_S, SyncService, in_windows
+from edgescreen.appliance.sync.status import summary
 from tests.conftest import EDGESCREEN, REPO, free_port
 from tests.fault_proxy import FaultProxy
 from tests.test_cloud_receiver import ENV, Receiver, call, receiver, stored_bytes
@@ -227,7 +227,7 @@ def test_heartbeats_carry_health_and_supersede_each_other(tmp_path: Path) -> Non
 def test_heartbeat_errors_leave_without_what_they_quote(tmp_path: Path) -> None:
     """A failed job's error quotes a header (a study description naming the patient) and a file path: the
     heartbeat's last errors keep the sentence, not the quote, the path or the patient's identifiers."""
-    from appliance.sync.health import health
+    from edgescreen.appliance.sync.health import health
 
     store = Store(tmp_path / "box")
     now = time.time()
@@ -299,7 +299,7 @@ def test_a_corrupt_result_file_fails_its_item_not_the_run(tmp_path: Path, rec: R
 
 
 def test_a_refused_device_token_costs_no_attempts_and_says_what_to_fix(tmp_path: Path, rec: Receiver) -> None:
-    from appliance.cloud.db import ReceiverDB, engine_for
+    from edgescreen.appliance.cloud.db import ReceiverDB, engine_for
 
     token = ReceiverDB(engine_for(None, rec.data_dir)).add_device("token-box", "Token Clinic")
     data_dir = tmp_path / "box"
@@ -368,7 +368,7 @@ def test_analyze_enqueue_sync_delivers_summary_seg_and_sr(tmp_path: Path, rec: R
 
 def test_phi_leaves_only_when_the_site_says_so(tmp_path: Path, rec: Receiver) -> None:
     """The same SEG queued twice: de-identified by default; with send_phi (at queueing AND sending) as it is."""
-    from appliance.sync.enqueue import cloud_items
+    from edgescreen.appliance.sync.enqueue import cloud_items
 
     src = patient_file(tmp_path / "src")
     ds = pydicom.dcmread(src)
@@ -414,7 +414,7 @@ def test_sync_to_the_receiver_over_tls_with_a_pinned_ca(tmp_path: Path, rec: Rec
 def test_an_unusable_site_secret_never_costs_a_finished_job_its_result(tmp_path: Path) -> None:
     """The worker writes a finished job's result and exports in one transaction: a damaged de-identification
     secret must not fail it. The PACS item is queued; the cloud items are not (the log says why and how)."""
-    from appliance.sync.enqueue import outbox_items_for_result
+    from edgescreen.appliance.sync.enqueue import outbox_items_for_result
 
     secret = tmp_path / "deid-secret"
     secret.write_text("short\n")
@@ -438,7 +438,7 @@ def test_the_service_yields_to_a_running_analysis(tmp_path: Path, rec: Receiver)
     """While a worker holds a running job (a live lease), the service prepares and sends no cloud item, and
     says why; a technician's `sync --once` does not wait; once the job is over (or its worker died and the
     lease ran out) the service goes on."""
-    from appliance.store import jobs
+    from edgescreen.appliance.store import jobs
 
     data_dir = tmp_path / "box"
     queue_items(data_dir, 4, patient_file(tmp_path / "src"))

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance import sdnotify
-from appliance.config import load_profile
-from appliance.config.site import SiteConfig
-from appliance.provisioning import Installer, Options, step_units
+from edgescreen.appliance import sdnotify
+from edgescreen.appliance.config import load_profile
+from edgescreen.appliance.config.site import SiteConfig
+from edgescreen.appliance.provisioning import Installer, Options, step_units
 from tests.conftest import REPO, free_port
 
 ANALYZE = shutil.which("systemd-analyze")
@@ -140,7 +140,7 @@ def test_service_says_ready_feeds_the_watchdog_and_says_stopping(service: str, n
     args = {"worker": ["worker", "--poll", "0.2"], "dicom": ["dicom", "--port", str(free_port()), "--bind", "127.0.0.1"],
             "serve": ["serve", "--port", str(free_port())]}[service]
     env = {**os.environ, "EDGESCREEN_CONFIG": "", "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"}
-    proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "--data-dir", str(data_dir), *args], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "edgescreen.appliance.cli", "--data-dir", str(data_dir), *args], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         msgs = _receive_until(sock, "READY=1")

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance.bundle import current_bundle, ensure_signing_key
-from appliance.store import Store, StoreError
-from appliance.store import db as db_module
-from appliance.store.migrations import MIGRATIONS
+from edgescreen.appliance.bundle import current_bundle, ensure_signing_key
+from edgescreen.appliance.store import Store, StoreError
+from edgescreen.appliance.store import db as db_module
+from edgescreen.appliance.store.migrations import MIGRATIONS
 from tests.conftest import run_cli
 
 
@@ -78,7 +78,7 @@ def test_a_newer_database_is_refused_with_what_to_do(data_dir: Path) -> None:
 
 
 def _bundle(tmp: Path, key: Path, name: str, payload: bytes) -> Path:
-    from optimize.bundle import write_bundle
+    from edgescreen.optimize.bundle import write_bundle
 
     src = tmp / f"src-{name}"
     src.mkdir()

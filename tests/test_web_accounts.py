@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import accounts
-from appliance.store import Store
+from edgescreen.appliance import accounts
+from edgescreen.appliance.store import Store
 from tests.conftest import run_cli
 
 
@@ -129,7 +129,7 @@ def test_old_roles_migrate(tmp_path: Path) -> None:
     """A box that had users under schema 2 keeps them, with staff/radiologist mapped to clinician."""
     import sqlite3
 
-    from appliance.store.migrations import MIGRATIONS
+    from edgescreen.appliance.store.migrations import MIGRATIONS
 
     db = tmp_path / "edgescreen.db"
     conn = sqlite3.connect(db)

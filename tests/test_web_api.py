@@ -16,8 +16,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from appliance import accounts
-from appliance.store import Store
+from edgescreen.appliance import accounts
+from edgescreen.appliance.store import Store
 from tests.browser import web_server
 from tests.conftest import REPO
 from tests.web_fixtures import analysed_template, study_uids  # noqa: F401 - fixture

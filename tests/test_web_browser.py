@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.store import Store
+from edgescreen.appliance.store import Store
 from tests.browser import LANDSCAPE, PORTRAIT, launch, login, page_in, screenshot, web_server
 from tests.web_fixtures import PASSWORD, analysed_template, study_uids  # noqa: F401 - fixtures
 
@@ -58,7 +58,7 @@ def _wait_slice(page, index: int | None = None) -> int:
 
 def _upload_zip(tmp_path: Path) -> Path:
     """A study as it comes on a USB stick: a new phantom CT, a README, a DICOMDIR and one damaged file."""
-    from models.phantom.ct import write_ct_study
+    from edgescreen.models.phantom.ct import write_ct_study
 
     folder = tmp_path / "usb"
     write_ct_study(folder, 11, lesion=None, slices=64)

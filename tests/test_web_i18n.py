@@ -15,12 +15,12 @@ import pytest
 from babel.messages.extract import extract_from_dir, extract_from_file
 from babel.messages.pofile import read_po
 
-from appliance import RESEARCH_USE_BANNER, accounts
-from appliance.config.site import SiteConfig
-from appliance.context import AppContext
-from appliance.store import Store
-from appliance.web import LANGUAGES, TRANSLATIONS, create_app
-from appliance.web.catalogue import extract_constants
+from edgescreen.appliance import RESEARCH_USE_BANNER, accounts
+from edgescreen.appliance.config.site import SiteConfig
+from edgescreen.appliance.context import AppContext
+from edgescreen.appliance.store import Store
+from edgescreen.appliance.web import LANGUAGES, TRANSLATIONS, create_app
+from edgescreen.appliance.web.catalogue import extract_constants
 
 WEB = Path(__file__).resolve().parent.parent / "appliance" / "web"
 KEYWORDS = {"_": None, "gettext": None, "ngettext": (1, 2), "lazy_gettext": None}
@@ -118,7 +118,7 @@ def test_every_page_carries_the_banner_in_its_language_and_in_english(client) ->
 
 
 def test_dates_and_numbers_follow_the_locale(data_dir: Path, client) -> None:
-    from appliance.store.instances import IncomingInstance, store_instance
+    from edgescreen.appliance.store.instances import IncomingInstance, store_instance
 
     store_instance(Store(data_dir), IncomingInstance("9.1.1", "1.2.840.10008.5.1.4.1.1.2", "9.1", "9.1.9",
                                                      study={"patient_name": "Wang^XiaoMing=王^小明",

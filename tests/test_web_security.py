@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance import accounts
-from appliance.config.site import SiteConfig
-from appliance.context import AppContext
-from appliance.store import Store
-from appliance.web import PUBLIC_ENDPOINTS, create_app
+from edgescreen.appliance import accounts
+from edgescreen.appliance.config.site import SiteConfig
+from edgescreen.appliance.context import AppContext
+from edgescreen.appliance.store import Store
+from edgescreen.appliance.web import PUBLIC_ENDPOINTS, create_app
 from tests.browser import first_run_password, web_server
 
 PASSWORD = "a long secret 1"

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from appliance import RESEARCH_USE_BANNER, accounts
-from appliance.config.site import SiteConfig
-from appliance.context import AppContext
-from appliance.store import Store, jobs
-from appliance.store.instances import IncomingInstance, set_series_state, store_instance
-from appliance.web import create_app
+from edgescreen.appliance import RESEARCH_USE_BANNER, accounts
+from edgescreen.appliance.config.site import SiteConfig
+from edgescreen.appliance.context import AppContext
+from edgescreen.appliance.store import Store, jobs
+from edgescreen.appliance.store.instances import IncomingInstance, set_series_state, store_instance
+from edgescreen.appliance.web import create_app
 
 
 def _seed(store: Store, name: str = "PHANTOM^CT^S0101") -> None:
@@ -122,7 +122,7 @@ def test_downloads_only_the_results_own_files(client, tmp_path: Path) -> None:
 def test_system_page_reads_the_workers_gate_without_recording_events(client, monkeypatch) -> None:
     """The system page asks the same LiveGate the worker uses (observe(record=False)): it shows the gate's own
     decision, and however often staff look, only the worker writes scanner and power changes to the timeline."""
-    from appliance.scheduler import live
+    from edgescreen.appliance.scheduler import live
 
     calls = []
     real = live.LiveGate.observe
@@ -145,8 +145,8 @@ def test_system_page_reads_the_workers_gate_without_recording_events(client, mon
 
 
 def test_live_gate_records_only_when_asked(data_dir: Path) -> None:
-    from appliance.scheduler.live import LiveGate
-    from appliance.scheduler.scanner import set_manual
+    from edgescreen.appliance.scheduler.live import LiveGate
+    from edgescreen.appliance.scheduler.scanner import set_manual
 
     ctx = AppContext(config=SiteConfig(), data_dir=data_dir)
     set_manual(ctx.store, "busy", "test")
@@ -161,7 +161,7 @@ def test_studies_command_lists_what_the_worklist_shows(client, data_dir: Path) -
     """`edgescreen studies` and the web worklist are one derivation (appliance.store.worklist)."""
     import json
 
-    from appliance.store.worklist import WorklistQuery, query_worklist
+    from edgescreen.appliance.store.worklist import WorklistQuery, query_worklist
     from tests.conftest import run_cli
 
     _seed(client.store)
@@ -214,8 +214,8 @@ def test_organ_outlines_are_the_label_volume_on_an_oblique_grid() -> None:
     of every pixel through both grids, on a tilted, anisotropic series."""
     import numpy as np
 
-    from appliance.pipeline.outputs.labels import slice_labels
-    from appliance.pipeline.preprocess import Grid
+    from edgescreen.appliance.pipeline.outputs.labels import slice_labels
+    from edgescreen.appliance.pipeline.preprocess import Grid
 
     rng = np.random.default_rng(7)
     a = np.deg2rad(17.0)
@@ -244,7 +244,7 @@ def test_the_worker_runs_below_the_uis_cpu_priority(data_dir: Path) -> None:
     import subprocess
     import time
 
-    from appliance.scheduler.worker import WORKER_NICE
+    from edgescreen.appliance.scheduler.worker import WORKER_NICE
     from tests.conftest import EDGESCREEN, REPO
 
     proc = subprocess.Popen([*EDGESCREEN, "--data-dir", str(data_dir), "worker", "--poll", "0.2"], cwd=REPO,
@@ -268,7 +268,7 @@ def test_the_worker_runs_below_the_uis_cpu_priority(data_dir: Path) -> None:
 
 
 def test_the_organ_legend_shows_the_colours_the_outlines_are_drawn_in() -> None:
-    from appliance.web import render
+    from edgescreen.appliance.web import render
 
     css = (Path(render.__file__).parent / "static" / "style.css").read_text()
     swatch = dict(re.findall(r"\.sw-org-([a-z]+) \{ background: #([0-9a-f]{6}); \}", css))

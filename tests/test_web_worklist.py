@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from appliance import accounts
-from appliance.config.site import SiteConfig
-from appliance.context import AppContext
-from appliance.store import Store, jobs
-from appliance.store.instances import IncomingInstance, set_series_state, store_instance
-from appliance.store.worklist import WorklistQuery, ensure_worklist, query_worklist, study_summary
-from appliance.web import create_app
+from edgescreen.appliance import accounts
+from edgescreen.appliance.config.site import SiteConfig
+from edgescreen.appliance.context import AppContext
+from edgescreen.appliance.store import Store, jobs
+from edgescreen.appliance.store.instances import IncomingInstance, set_series_state, store_instance
+from edgescreen.appliance.store.worklist import WorklistQuery, ensure_worklist, query_worklist, study_summary
+from edgescreen.appliance.web import create_app
 
 
 def _instance(store: Store, study: str, series: str, n: int, *, modality: str = "CT", name: str = "DOE^JANE",

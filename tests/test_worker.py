@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from models.phantom.mg import write_mg_exam
+from edgescreen.models.phantom.mg import write_mg_exam
 from tests.conftest import EDGESCREEN, REPO, run_cli
 from tests.test_dicom_support import SERVICE_ENV, dicom_server, open_store, requires_dcmtk, storescu
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from models.phantom.mg import write_mg_exam
+from edgescreen.models.phantom.mg import write_mg_exam
 from tests.conftest import EDGESCREEN, REPO, run_cli
 from tests.test_dicom_support import SERVICE_ENV, open_store
 
@@ -44,8 +44,8 @@ def _umount(path: Path) -> None:
 
 
 def _queue_exam(tmp_path: Path, data_dir: Path) -> int:
-    from appliance.config.site import Dicom
-    from appliance.dicom.ingest import Ingestor, ingest_file, queue_series
+    from edgescreen.appliance.config.site import Dicom
+    from edgescreen.appliance.dicom.ingest import Ingestor, ingest_file, queue_series
 
     exam = tmp_path / "mg"
     write_mg_exam(exam, 41, finding="malignant")

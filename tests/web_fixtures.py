@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import accounts
-from appliance.store import Store
+from edgescreen.appliance import accounts
+from edgescreen.appliance.store import Store
 from tests.conftest import EDGESCREEN, REPO, run_cli
 
 CT_NAME = "Wang^XiaoMing=王^小明"
@@ -37,8 +37,8 @@ def _rename(folder: Path, name: str, patient_id: str) -> None:
 
 
 def ingest_folder(store: Store, folder: Path) -> set[str]:
-    from appliance.config.site import Dicom
-    from appliance.dicom.ingest import Ingestor, ingest_file, queue_series
+    from edgescreen.appliance.config.site import Dicom
+    from edgescreen.appliance.dicom.ingest import Ingestor, ingest_file, queue_series
 
     ingestor = Ingestor(store, Dicom(min_free_mb=0))
     series = set()
@@ -52,8 +52,8 @@ def ingest_folder(store: Store, folder: Path) -> set[str]:
 
 def phantoms(root: Path) -> tuple[Path, Path]:
     """A small CT (64 slices, PDAC) and a 4-view mammography exam, cached for the run."""
-    from models.phantom.ct import write_ct_study
-    from models.phantom.mg import write_mg_exam
+    from edgescreen.models.phantom.ct import write_ct_study
+    from edgescreen.models.phantom.mg import write_mg_exam
 
     ct, mg = root / "ct-pdac", root / "mg-malignant"
     if not (ct / "truth.json").exists():

@@ -12,37 +12,37 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from appliance import RESEARCH_USE_BANNER, __version__
+from edgescreen.appliance import RESEARCH_USE_BANNER, __version__
 
 # name -> (module, one-line help). Order is the order --help shows.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("appliance.cli.demo", "generate phantom studies and run the whole appliance on http://127.0.0.1:8080"),
-    "serve": ("appliance.cli.serve", "run the web UI (waitress)"),
-    "users": ("appliance.cli.users", "web UI accounts: add, list, disable, reset-password, role, API token (audited)"),
-    "doctor": ("appliance.cli.doctor", "diagnose this box: services, ports, DICOM, UPS, clock, disk, bundle, "
+    "demo": ("edgescreen.appliance.cli.demo", "generate phantom studies and run the whole appliance on http://127.0.0.1:8080"),
+    "serve": ("edgescreen.appliance.cli.serve", "run the web UI (waitress)"),
+    "users": ("edgescreen.appliance.cli.users", "web UI accounts: add, list, disable, reset-password, role, API token (audited)"),
+    "doctor": ("edgescreen.appliance.cli.doctor", "diagnose this box: services, ports, DICOM, UPS, clock, disk, bundle, "
                "backends, cloud, UI exposure (OK/WARN/FAIL with fixes)"),
-    "phantom": ("appliance.cli.phantom", "write synthetic phantom DICOM studies (CT, mammography)"),
-    "analyze": ("appliance.cli.analyze", "analyse a study (folder, zip or files): findings, key images, DICOM SEG/SR/PDF"),
-    "models": ("appliance.cli.models_cmd", "evaluate the reference models; score mammograms from image files"),
-    "studies": ("appliance.cli.studies", "list received studies with their series and state"),
-    "dicom": ("appliance.cli.dicom_cmd", "run the DICOM service: C-STORE/C-ECHO/MPPS receiver, result export to PACS"),
-    "quarantine": ("appliance.cli.quarantine", "list instances the DICOM service refused, with their reasons"),
-    "config": ("appliance.cli.config_cmd", "validate and show the site config and hardware profile"),
-    "worker": ("appliance.cli.worker", "run queued analyses whenever the scanner is idle and power allows"),
-    "jobs": ("appliance.cli.jobs", "list the job queue; mark a job urgent or run-now; retry a failed job (audited)"),
-    "scanner": ("appliance.cli.scanner", "set the scanner switch busy|idle|auto, or show what the gate sees"),
-    "scheduler": ("appliance.cli.scheduler", "pause or resume all analysis (audited), or show whether it is paused"),
-    "simulate": ("appliance.cli.simulate", "replay a clinic-day trace through the real scheduler"),
-    "optimize": ("appliance.cli.optimize_cmd", "quantise, compile and validate the models for this box into a signed bundle"),
-    "bundle": ("appliance.cli.bundle_cmd", "verify, install, roll back or list signed model bundles"),
-    "sync": ("appliance.cli.sync", "send results out: PACS exports and de-identified cloud items (--once: then exit)"),
-    "outbox": ("appliance.cli.outbox_cmd", "list what waits to leave the box; retry a failed item (audited)"),
-    "cloud-receiver": ("appliance.cli.cloud_receiver", "run the fleet receiver (cloud side; SQLite or PostgreSQL)"),
-    "provision": ("appliance.cli.provision", "turn this box into a running appliance: config, user, keys, bundle, "
+    "phantom": ("edgescreen.appliance.cli.phantom", "write synthetic phantom DICOM studies (CT, mammography)"),
+    "analyze": ("edgescreen.appliance.cli.analyze", "analyse a study (folder, zip or files): findings, key images, DICOM SEG/SR/PDF"),
+    "models": ("edgescreen.appliance.cli.models_cmd", "evaluate the reference models; score mammograms from image files"),
+    "studies": ("edgescreen.appliance.cli.studies", "list received studies with their series and state"),
+    "dicom": ("edgescreen.appliance.cli.dicom_cmd", "run the DICOM service: C-STORE/C-ECHO/MPPS receiver, result export to PACS"),
+    "quarantine": ("edgescreen.appliance.cli.quarantine", "list instances the DICOM service refused, with their reasons"),
+    "config": ("edgescreen.appliance.cli.config_cmd", "validate and show the site config and hardware profile"),
+    "worker": ("edgescreen.appliance.cli.worker", "run queued analyses whenever the scanner is idle and power allows"),
+    "jobs": ("edgescreen.appliance.cli.jobs", "list the job queue; mark a job urgent or run-now; retry a failed job (audited)"),
+    "scanner": ("edgescreen.appliance.cli.scanner", "set the scanner switch busy|idle|auto, or show what the gate sees"),
+    "scheduler": ("edgescreen.appliance.cli.scheduler", "pause or resume all analysis (audited), or show whether it is paused"),
+    "simulate": ("edgescreen.appliance.cli.simulate", "replay a clinic-day trace through the real scheduler"),
+    "optimize": ("edgescreen.appliance.cli.optimize_cmd", "quantise, compile and validate the models for this box into a signed bundle"),
+    "bundle": ("edgescreen.appliance.cli.bundle_cmd", "verify, install, roll back or list signed model bundles"),
+    "sync": ("edgescreen.appliance.cli.sync", "send results out: PACS exports and de-identified cloud items (--once: then exit)"),
+    "outbox": ("edgescreen.appliance.cli.outbox_cmd", "list what waits to leave the box; retry a failed item (audited)"),
+    "cloud-receiver": ("edgescreen.appliance.cli.cloud_receiver", "run the fleet receiver (cloud side; SQLite or PostgreSQL)"),
+    "provision": ("edgescreen.appliance.cli.provision", "turn this box into a running appliance: config, user, keys, bundle, "
                   "first admin, systemd units, self-test"),
-    "selftest": ("appliance.cli.selftest", "golden phantom cases through DICOM, the worker and the outputs, "
+    "selftest": ("edgescreen.appliance.cli.selftest", "golden phantom cases through DICOM, the worker and the outputs, "
                  "compared with the bundle's expected findings"),
-    "purge": ("appliance.cli.purge", "apply the retention policy now (--dry-run: only show what it deletes)"),
+    "purge": ("edgescreen.appliance.cli.purge", "apply the retention policy now (--dry-run: only show what it deletes)"),
 }
 
 
@@ -90,11 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _stop_while_starting)
     # deferred: keeps --help and --version light, and a service's SIGTERM handler (above) in place before the
     # heavy imports (pydantic, the store) that take most of its start-up
-    from appliance.config import ConfigError, load_site_config, resolve_paths
-    from appliance.config.load import find_config
-    from appliance.context import AppContext
-    from appliance.logs import setup_logging
-    from appliance.store import StoreError
+    from edgescreen.appliance.config import ConfigError, load_site_config, resolve_paths
+    from edgescreen.appliance.config.load import find_config
+    from edgescreen.appliance.context import AppContext
+    from edgescreen.appliance.logs import setup_logging
+    from edgescreen.appliance.store import StoreError
 
     try:
         config_path = find_config(args.config)

@@ -1,5 +1,5 @@
 import sys
 
-from appliance.cli import main
+from edgescreen.appliance.cli import main
 
 sys.exit(main())

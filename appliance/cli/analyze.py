@@ -55,7 +55,7 @@ class _Bar:
 
 def _request(args: argparse.Namespace, ctx: Any) -> Any:
     """The analysis request: the command line first, then the site config and hardware profile."""
-    from appliance.pipeline.analyze import AnalysisRequest, AnalysisSettings
+    from edgescreen.appliance.pipeline.analyze import AnalysisRequest, AnalysisSettings
 
     config = getattr(ctx, "config", None) if ctx is not None else None
     bundle, threads = args.bundle, args.threads
@@ -80,13 +80,13 @@ def _request(args: argparse.Namespace, ctx: Any) -> Any:
 
 
 def run(args: argparse.Namespace, ctx: Any = None) -> int:
-    from appliance.modelcard import CardError
-    from appliance.pipeline.analyze import InputError, analyze_study
-    from appliance.pipeline.ctload import SeriesError
-    from appliance.pipeline.findings import summary_lines
-    from appliance.pipeline.operating_point import OperatingPointError
-    from appliance.pipeline.pancreas import PipelineError
-    from appliance.runtime import BackendUnavailable
+    from edgescreen.appliance.modelcard import CardError
+    from edgescreen.appliance.pipeline.analyze import InputError, analyze_study
+    from edgescreen.appliance.pipeline.ctload import SeriesError
+    from edgescreen.appliance.pipeline.findings import summary_lines
+    from edgescreen.appliance.pipeline.operating_point import OperatingPointError
+    from edgescreen.appliance.pipeline.pancreas import PipelineError
+    from edgescreen.appliance.runtime import BackendUnavailable
 
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         print(f"edgescreen analyze: --threshold {args.threshold} is outside [0, 1]", file=sys.stderr)
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace, ctx: Any = None) -> int:
         print(line)
     print(f"findings: {Path(args.out) / 'findings.json'}")
     if getattr(args, "enqueue_sync", False) and ctx is not None:
-        from appliance.sync.enqueue import enqueue_result
+        from edgescreen.appliance.sync.enqueue import enqueue_result
 
         ids = enqueue_result(ctx.store, ctx.config, findings=findings, out_dir=args.out)
         print(f"queued for sync: outbox item(s) {', '.join(map(str, ids))}")

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _summary(manifest) -> str:  # noqa: ANN001 - appliance.bundle.Manifest, imported lazily
-    from appliance.pipeline.metrics import truncated  # figures truncated, never rounded up
+    from edgescreen.appliance.pipeline.metrics import truncated  # figures truncated, never rounded up
 
     parts = []
     for role, m in sorted(manifest.models.items()):
@@ -42,7 +42,7 @@ def _summary(manifest) -> str:  # noqa: ANN001 - appliance.bundle.Manifest, impo
 
 
 def run(args: argparse.Namespace, ctx) -> int:  # noqa: ANN001 - AppContext
-    from appliance.bundle import BundleError, install_bundle, list_bundles, rollback, verify_bundle
+    from edgescreen.appliance.bundle import BundleError, install_bundle, list_bundles, rollback, verify_bundle
 
     data_dir, keys = ctx.data_dir, ctx.key_home
     try:

@@ -32,10 +32,10 @@ def run(args: argparse.Namespace, ctx) -> int:
     import signal
     import sys
 
-    from appliance.cloud.db import ReceiverDB, ReceiverDBError, create_schema, engine_for
-    from appliance.logs import get_logger
+    from edgescreen.appliance.cloud.db import ReceiverDB, ReceiverDBError, create_schema, engine_for
+    from edgescreen.appliance.logs import get_logger
 
-    log = get_logger("appliance.cloud")
+    log = get_logger("edgescreen.appliance.cloud")
     from pathlib import Path
 
     url = args.database_url or os.environ.get("EDGESCREEN_DATABASE_URL")
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace, ctx) -> int:
 
     from waitress.server import create_server
 
-    from appliance.cloud.app import create_app
+    from edgescreen.appliance.cloud.app import create_app
 
     app = create_app(db, allow_any_device=args.allow_any_device)
     try:

@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _generate(phantom_dir: Path, slices: int) -> list[Path]:
-    from models.phantom.ct import write_ct_study
-    from models.phantom.mg import write_mg_exam
+    from edgescreen.models.phantom.ct import write_ct_study
+    from edgescreen.models.phantom.mg import write_mg_exam
 
     folders = []
     for seed, lesion in DEMO_CT:
@@ -70,8 +70,8 @@ interval_s = 2
 
 
 def run(args: argparse.Namespace, ctx) -> int:
-    from appliance.config import load_site_config
-    from appliance.demo import run_demo
+    from edgescreen.appliance.config import load_site_config
+    from edgescreen.appliance.demo import run_demo
 
     if ctx.config_path is None:  # a site config given with --config is used as it is
         path = ctx.data_dir / "demo-site.toml"

@@ -44,8 +44,8 @@ def run(args: argparse.Namespace, ctx) -> int:
 
     from pydantic import ValidationError
 
-    from appliance.config.site import Dicom
-    from appliance.dicom.scp import DicomService
+    from edgescreen.appliance.config.site import Dicom
+    from edgescreen.appliance.dicom.scp import DicomService
 
     try:
         dicom = Dicom.model_validate({**ctx.config.dicom.model_dump(), **_overrides(args)})
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace, ctx) -> int:
     config = ctx.config.model_copy(update={"dicom": dicom})
 
     if args.export_pending:
-        from appliance.dicom.export import export_pending
+        from edgescreen.appliance.dicom.export import export_pending
 
         if dicom.pacs is None:
             print("edgescreen dicom: no [dicom.pacs] section in the site config; nothing to export to",
@@ -75,8 +75,10 @@ def run(args: argparse.Namespace, ctx) -> int:
         print(f"edgescreen dicom: cannot listen on {dicom.bind}:{dicom.port}: {exc.strerror}; is another DICOM "
               "service running there? choose another --port", file=sys.stderr)
         return 2
-    from appliance import sdnotify  # systemd: ready now; watchdog fed while its heartbeat and port live
-    from appliance.store.heartbeat import BEAT_EVERY_S
+    from edgescreen.appliance import (
+        sdnotify,  # systemd: ready now; watchdog fed while its heartbeat and port live
+    )
+    from edgescreen.appliance.store.heartbeat import BEAT_EVERY_S
 
     host, port = service.address
     sdnotify.start_watchdog(lambda: sdnotify.dicom_health(ctx.store, host, port, BEAT_EVERY_S), "dicom")

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, ctx) -> int:  # noqa: ANN001 - AppContext
-    from appliance.doctor import run_checks
+    from edgescreen.appliance.doctor import run_checks
 
     checks = run_checks(ctx, root=args.root)
     failed = [c for c in checks if c.status == "fail"]

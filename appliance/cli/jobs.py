@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _detail(job: dict) -> str:
-    from appliance.store.jobs import stage_position
+    from edgescreen.appliance.store.jobs import stage_position
 
     if job["state"] == "running":
         pos = stage_position(job["pipeline"], job["stage"])
@@ -26,7 +26,7 @@ def _detail(job: dict) -> str:
 
 
 def run(args: argparse.Namespace, ctx) -> int:
-    from appliance.store import InvalidTransition, jobs
+    from edgescreen.appliance.store import InvalidTransition, jobs
 
     if args.action == "list":
         rows = jobs.list_jobs(ctx.store)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from appliance.cli import predict_mammo
-from models import cli as model_tools
+from edgescreen.appliance.cli import predict_mammo
+from edgescreen.models import cli as model_tools
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

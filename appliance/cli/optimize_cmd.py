@@ -57,11 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, ctx) -> int:  # noqa: ANN001 - AppContext, imported lazily by the CLI
-    if importlib.util.find_spec("optimize") is None or importlib.util.find_spec("onnx") is None:
+    if importlib.util.find_spec("edgescreen.optimize") is None or importlib.util.find_spec("onnx") is None:
         print(f"edgescreen optimize: {MISSING}", file=sys.stderr)
         return 3
     try:
-        from optimize.cli import run_optimize
+        from edgescreen.optimize.cli import run_optimize
     except ImportError as exc:
         print(f"edgescreen optimize: {MISSING} ({exc})", file=sys.stderr)
         return 3

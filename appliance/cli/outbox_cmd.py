@@ -28,8 +28,8 @@ def run(args: argparse.Namespace, ctx) -> int:
     import sys
     import time
 
-    from appliance.store import outbox
-    from appliance.sync.status import describe_item, summary
+    from edgescreen.appliance.store import outbox
+    from edgescreen.appliance.sync.status import describe_item, summary
 
     store = ctx.store
     if args.action == "retry":

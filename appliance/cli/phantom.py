@@ -28,7 +28,7 @@ def run(args: argparse.Namespace, ctx) -> int:
 
     start = time.perf_counter()
     if args.kind == "ct":
-        from models.phantom.ct import write_ct_study
+        from edgescreen.models.phantom.ct import write_ct_study
 
         if args.slices is not None and not 60 <= args.slices <= 400:
             print(f"edgescreen phantom: --slices {args.slices}: use 60 to 400", file=sys.stderr)
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace, ctx) -> int:
         print(f"wrote CT phantom seed {args.seed} ({n} slices, lesion {args.lesion}) to {args.out} "
               f"in {time.perf_counter() - start:.1f} s")
     else:
-        from models.phantom.mg import write_mg_exam
+        from edgescreen.models.phantom.mg import write_mg_exam
 
         finding = None if args.finding == "none" else args.finding
         write_mg_exam(args.out, args.seed, finding=finding)

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from appliance.store.files import atomic_write_text
+from edgescreen.appliance.store.files import atomic_write_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,10 +44,10 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def run(args: argparse.Namespace, ctx: object | None = None) -> int:
-    from appliance import RESEARCH_USE_BANNER
-    from appliance.modelcard import CardError, Percentile
-    from appliance.pipeline.domain.gate import assess_mg
-    from appliance.pipeline.mammo import (
+    from edgescreen.appliance import RESEARCH_USE_BANNER
+    from edgescreen.appliance.modelcard import CardError, Percentile
+    from edgescreen.appliance.pipeline.domain.gate import assess_mg
+    from edgescreen.appliance.pipeline.mammo import (
         DEFAULT_CARD,
         MammoInputError,
         apply_contralateral,
@@ -57,8 +57,8 @@ def run(args: argparse.Namespace, ctx: object | None = None) -> int:
         read_mammogram,
         summarise,
     )
-    from appliance.pipeline.operating_point import OperatingPointError, resolve
-    from appliance.runtime import BackendUnavailable
+    from edgescreen.appliance.pipeline.operating_point import OperatingPointError, resolve
+    from edgescreen.appliance.runtime import BackendUnavailable
 
     card_path = args.card or DEFAULT_CARD
     print(RESEARCH_USE_BANNER)

@@ -45,9 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, ctx) -> int:  # noqa: ANN001 - AppContext (unused: provisioning makes the config)
-    from appliance.config.load import SERVICE_USER
-    from appliance.provisioning import Options, ProvisionError, provision
-    from appliance.selftest import SelftestError
+    from edgescreen.appliance.config.load import SERVICE_USER
+    from edgescreen.appliance.provisioning import Options, ProvisionError, provision
+    from edgescreen.appliance.selftest import SelftestError
 
     opts = Options(profile=args.provision_profile, site_id=args.site_id, root=args.root, cloud=args.cloud,
                    token_file=args.token_file, scanner_ae=args.scanner_ae, scanner_host=args.scanner_host,
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace, ctx) -> int:  # noqa: ANN001 - AppContext (unu
               f"      {out.admin_password}\n\n"
               "  It is shown only now. Write it down; the UI asks for a new one at first login.\n", flush=True)
     if out.selftest is not None:
-        from appliance.cli.selftest import report_lines
+        from edgescreen.appliance.cli.selftest import report_lines
 
         print("\n".join(report_lines(out.selftest)))
         if not out.selftest.passed:

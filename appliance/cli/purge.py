@@ -21,7 +21,7 @@ def _mb(n: int) -> str:
 
 
 def run(args: argparse.Namespace, ctx) -> int:  # noqa: ANN001 - AppContext, imported lazily by the CLI
-    from appliance.store.retention import purge
+    from edgescreen.appliance.store.retention import purge
 
     policy = ctx.config.retention
     done = purge(ctx.store, policy, dry_run=args.dry_run, actor=f"cli:{getpass.getuser()}")

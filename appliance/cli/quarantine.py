@@ -14,7 +14,7 @@ def run(args: argparse.Namespace, ctx) -> int:
     import json
     import time
 
-    from appliance.store.instances import list_quarantine
+    from edgescreen.appliance.store.instances import list_quarantine
 
     items = list_quarantine(ctx.store, args.limit)
     for item in items:

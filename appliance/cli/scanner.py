@@ -14,8 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, ctx) -> int:
-    from appliance.scheduler.live import LiveGate
-    from appliance.scheduler.scanner import set_manual
+    from edgescreen.appliance.scheduler.live import LiveGate
+    from edgescreen.appliance.scheduler.scanner import set_manual
 
     if args.mode != "status":
         set_manual(ctx.store, args.mode, actor=f"cli:{getpass.getuser()}")

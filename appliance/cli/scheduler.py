@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, ctx) -> int:
-    from appliance.scheduler import control
+    from edgescreen.appliance.scheduler import control
 
     actor = f"cli:{getpass.getuser()}"
     if args.action == "pause":

@@ -37,7 +37,7 @@ def report_lines(result) -> list[str]:  # noqa: ANN001 - appliance.selftest.Self
 
 
 def run(args: argparse.Namespace, ctx) -> int:  # noqa: ANN001 - AppContext
-    from appliance.selftest import record, run_selftest
+    from edgescreen.appliance.selftest import record, run_selftest
 
     def say(msg: str) -> None:
         print(f"selftest: {msg}", file=sys.stderr, flush=True)

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def print_first_admin(ctx, url: str) -> None:
     """Create the first admin if the box has no user, and print its one-time password once."""
-    from appliance.accounts import FIRST_ADMIN, ensure_first_admin
+    from edgescreen.appliance.accounts import FIRST_ADMIN, ensure_first_admin
 
     password = ensure_first_admin(ctx.store)
     if password is not None:
@@ -33,10 +33,10 @@ def print_first_admin(ctx, url: str) -> None:
 def run(args: argparse.Namespace, ctx) -> int:
     from waitress.server import create_server
 
-    from appliance import sdnotify
-    from appliance.logs import get_logger
-    from appliance.store.worklist import ensure_worklist
-    from appliance.web import create_app
+    from edgescreen.appliance import sdnotify
+    from edgescreen.appliance.logs import get_logger
+    from edgescreen.appliance.store.worklist import ensure_worklist
+    from edgescreen.appliance.web import create_app
 
     host = args.host or ctx.config.web.host
     port = args.port or ctx.config.web.port

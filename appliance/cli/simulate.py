@@ -16,8 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, ctx) -> int:
-    from appliance.scheduler.simulate import TraceError, load_trace, render_svg, simulate
-    from appliance.store.files import atomic_write_text
+    from edgescreen.appliance.scheduler.simulate import TraceError, load_trace, render_svg, simulate
+    from edgescreen.appliance.store.files import atomic_write_text
 
     try:
         trace = load_trace(args.trace)

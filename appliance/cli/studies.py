@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, ctx) -> int:
-    from appliance.store.worklist import list_studies
+    from edgescreen.appliance.store.worklist import list_studies
 
     studies = list_studies(ctx.store, args.limit)
     if args.json:

@@ -29,8 +29,8 @@ def run(args: argparse.Namespace, ctx) -> int:
     import signal
     import sys
 
-    from appliance.sync.service import SyncConfigError, SyncService
-    from appliance.sync.status import summary
+    from edgescreen.appliance.sync.service import SyncConfigError, SyncService
+    from edgescreen.appliance.sync.status import summary
 
     try:
         service = SyncService(ctx, url=args.url)
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace, ctx) -> int:
                         print(f"edgescreen sync: {dest}: {s['pending']} pending{held}, {s['failed']} failed; last "
                               f"error: {s['last_error']}", file=sys.stderr)
             return code
-        from appliance import sdnotify
+        from edgescreen.appliance import sdnotify
 
         watchdog = sdnotify.start_watchdog(service.healthy, "sync")
         sdnotify.ready("sync running")

@@ -50,7 +50,7 @@ def _read_password(path: str | None) -> str | None:
 def run(args: argparse.Namespace, ctx) -> int:
     import time
 
-    from appliance import accounts
+    from edgescreen.appliance import accounts
 
     actor = f"cli:{getpass.getuser()}"
     store = ctx.store

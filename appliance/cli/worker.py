@@ -13,8 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, ctx) -> int:
-    from appliance import sdnotify
-    from appliance.scheduler.worker import Worker
+    from edgescreen.appliance import sdnotify
+    from edgescreen.appliance.scheduler.worker import Worker
 
     worker = Worker(ctx, poll_s=args.poll, once=args.once)
     worker.install_signal_handlers()

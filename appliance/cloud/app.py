@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, abort, jsonify, render_template_string, request
 
-from appliance import RESEARCH_USE_BANNER, __version__
-from appliance.cloud.db import FILE_KINDS, JSON_KINDS, ReceiverDB
-from appliance.logs import get_logger
+from edgescreen.appliance import RESEARCH_USE_BANNER, __version__
+from edgescreen.appliance.cloud.db import FILE_KINDS, JSON_KINDS, ReceiverDB
+from edgescreen.appliance.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -43,7 +44,8 @@ def _error(status: int, message: str) -> Response:
 
 
 def create_app(db: ReceiverDB, *, allow_any_device: bool = False) -> Flask:
-    app = Flask(__name__)
+    # instance_path given, as in the box's web app: Flask cannot find one under the editable edgescreen namespace
+    app = Flask(__name__, instance_path=str(Path(__file__).resolve().parent / "instance"))
     app.config["MAX_CONTENT_LENGTH"] = MAX_CHUNK_BYTES + 4096
     app.json.sort_keys = False
 

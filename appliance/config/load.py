@@ -15,9 +15,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-import firmware_config
-from appliance.config.profile import HardwareProfile
-from appliance.config.site import SiteConfig
+from edgescreen import firmware_config
+from edgescreen.appliance.config.profile import HardwareProfile
+from edgescreen.appliance.config.site import SiteConfig
 
 SYSTEM_CONFIG = Path("/etc/edgescreen/site.toml")
 SYSTEM_DATA_DIR = Path("/var/lib/edgescreen")

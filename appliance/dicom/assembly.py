@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pydicom
 
-from appliance.dicom import sop
-from appliance.dicom.header import Header, Refusal, parse_file
-from appliance.logs import get_logger
-from appliance.pipeline import accepts
-from appliance.store import Store, jobs
-from appliance.store.instances import set_series_state
+from edgescreen.appliance.dicom import sop
+from edgescreen.appliance.dicom.header import Header, Refusal, parse_file
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.pipeline import accepts
+from edgescreen.appliance.store import Store, jobs
+from edgescreen.appliance.store.instances import set_series_state
 
 log = get_logger(__name__)
 

@@ -28,10 +28,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from appliance.config.site import Pacs, RetryPolicy, SiteConfig
-from appliance.logs import get_logger
-from appliance.store import Store, outbox
-from appliance.store.outbox import OutboxItem
+from edgescreen.appliance.config.site import Pacs, RetryPolicy, SiteConfig
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.store import Store, outbox
+from edgescreen.appliance.store.outbox import OutboxItem
 
 log = get_logger(__name__)
 
@@ -96,7 +96,7 @@ def export_pending(store: Store, config: SiteConfig | Pacs | None, *, now: float
 
 
 def _send_row(store: Store, pacs: Pacs, row: dict, calling_ae: str, owner: str, clock: Callable[[], float]) -> str:
-    from appliance.scheduler.retry import delay
+    from edgescreen.appliance.scheduler.retry import delay
 
     payload = json.loads(row["payload"])
     study = payload.get("study_uid")
@@ -206,7 +206,8 @@ def stow_client(pacs: Pacs):  # noqa: ANN201 - dicomweb_client.DICOMwebClient, i
     import requests
     from dicomweb_client.api import DICOMwebClient
 
-    assert pacs.dicomweb_url
+    if not pacs.dicomweb_url:
+        raise ValueError("[dicom.pacs] has no dicomweb_url: STOW-RS needs the PACS's DICOMweb address")
     session = requests.Session()
     session.trust_env = False  # an environment proxy must not reroute patient data
     session.verify = pacs.dicomweb_ca_file or True

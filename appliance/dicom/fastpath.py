@@ -56,7 +56,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
-from appliance.logs import get_logger
+from edgescreen.appliance.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.config.site import Dicom
-from appliance.dicom import sop
-from appliance.dicom.ingest import Ingestor, IngestOutcome, Sender
-from appliance.logs import get_logger
-from appliance.store import Store
+from edgescreen.appliance.config.site import Dicom
+from edgescreen.appliance.dicom import sop
+from edgescreen.appliance.dicom.ingest import Ingestor, IngestOutcome, Sender
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.store import Store
 
 log = get_logger(__name__)
 

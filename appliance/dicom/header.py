@@ -20,8 +20,8 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from appliance import __version__
-from appliance.dicom import sop
+from edgescreen.appliance import __version__
+from edgescreen.appliance.dicom import sop
 
 PIXEL_DATA = 0x7FE00010
 _SEQ_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.config.site import Dicom
-from appliance.dicom import sop
-from appliance.dicom.assembly import SeriesGuard, complete_stable_series
-from appliance.dicom.header import (
+from edgescreen.appliance.config.site import Dicom
+from edgescreen.appliance.dicom import sop
+from edgescreen.appliance.dicom.assembly import SeriesGuard, complete_stable_series
+from edgescreen.appliance.dicom.header import (
     Header,
     Refusal,
     check_instance,
@@ -39,10 +39,10 @@ from appliance.dicom.header import (
     parse_dataset,
     split_file_meta,
 )
-from appliance.dicom.quarantine import Refused, quarantine_instance
-from appliance.logs import get_logger
-from appliance.store import Store
-from appliance.store.instances import Buffers, IncomingInstance, store_instance
+from edgescreen.appliance.dicom.quarantine import Refused, quarantine_instance
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.store import Store
+from edgescreen.appliance.store.instances import Buffers, IncomingInstance, store_instance
 
 log = get_logger(__name__)
 

@@ -18,9 +18,9 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from appliance.dicom import sop
-from appliance.logs import get_logger
-from appliance.store import Store
+from edgescreen.appliance.dicom import sop
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.store import Store
 
 log = get_logger(__name__)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass
 
-from appliance.dicom.header import Header, file_preamble_and_meta
-from appliance.logs import get_logger
-from appliance.store import Store
-from appliance.store.instances import list_quarantine, quarantine_record
+from edgescreen.appliance.dicom.header import Header, file_preamble_and_meta
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.store import Store
+from edgescreen.appliance.store.instances import list_quarantine, quarantine_record
 
 log = get_logger(__name__)
 

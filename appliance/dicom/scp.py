@@ -30,16 +30,16 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from appliance.config.site import Dicom, SiteConfig
-from appliance.dicom import export, fastpath, sop
-from appliance.dicom.assembly import complete_stable_series
-from appliance.dicom.handlers import StoreService
-from appliance.dicom.header import parse_file
-from appliance.dicom.mpps import MPPS_SOP_CLASS, MppsService
-from appliance.logs import get_logger
-from appliance.store import Store, heartbeat
-from appliance.store.db import RECOVERY_MARGIN_S
-from appliance.store.instances import IncomingInstance, recover_instances
+from edgescreen.appliance.config.site import Dicom, SiteConfig
+from edgescreen.appliance.dicom import export, fastpath, sop
+from edgescreen.appliance.dicom.assembly import complete_stable_series
+from edgescreen.appliance.dicom.handlers import StoreService
+from edgescreen.appliance.dicom.header import parse_file
+from edgescreen.appliance.dicom.mpps import MPPS_SOP_CLASS, MppsService
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.store import Store, heartbeat
+from edgescreen.appliance.store.db import RECOVERY_MARGIN_S
+from edgescreen.appliance.store.instances import IncomingInstance, recover_instances
 
 log = get_logger(__name__)
 
@@ -49,7 +49,7 @@ SERVICE = "dicom"  # the heartbeat row (appliance.scheduler.scanner.DICOM_SERVIC
 
 def describe_file(path: Path) -> IncomingInstance:
     """A stored file back into an IncomingInstance (re-ingest); ValueError if it is not whole."""
-    from appliance.dicom.header import FileMeta, split_file_meta
+    from edgescreen.appliance.dicom.header import FileMeta, split_file_meta
 
     data = path.read_bytes()
     meta: FileMeta = split_file_meta(data)[0]

@@ -18,7 +18,12 @@ from pydicom.uid import UID, SecondaryCaptureImageStorage
 
 # The SOP class lists are the DICOM service's (appliance.dicom.sop: what it accepts); named here too for
 # the callers of this module. One list, two names.
-from appliance.dicom.sop import CT_SOP_CLASSES, MG_FOR_PRESENTATION, MG_FOR_PROCESSING, MG_SOP_CLASSES
+from edgescreen.appliance.dicom.sop import (
+    CT_SOP_CLASSES,
+    MG_FOR_PRESENTATION,
+    MG_FOR_PROCESSING,
+    MG_SOP_CLASSES,
+)
 
 PIPELINES = ("pancreas", "mammo")
 # The header elements the rules read (slice_facts, series_facts): a reader that loads only some tags

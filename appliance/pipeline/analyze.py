@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from appliance.logs import get_logger
-from appliance.pipeline import accepts
-from appliance.pipeline.checkpoint import Gate, Preempted, check_gate, remove_states
-from appliance.pipeline.findings import validate_findings, write_findings
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.pipeline import accepts
+from edgescreen.appliance.pipeline.checkpoint import Gate, Preempted, check_gate, remove_states
+from edgescreen.appliance.pipeline.findings import validate_findings, write_findings
 
-log = get_logger("appliance.pipeline.analyze")
+log = get_logger("edgescreen.appliance.pipeline.analyze")
 
 __all__ = ["AnalysisRequest", "AnalysisSettings", "InputError", "Preempted", "analyze_study", "default_models_dir"]
 
@@ -256,7 +256,7 @@ def read_bundle(bundle_dir: Path, trusted_keys: Any = None) -> tuple[str | None,
     if not bundle_dir.is_dir():
         raise InputError(f"bundle {bundle_dir} does not exist or is not a directory")
     if trusted_keys is not None:
-        from appliance.bundle import BundleError, verify_bundle
+        from edgescreen.appliance.bundle import BundleError, verify_bundle
 
         try:
             manifest = verify_bundle(bundle_dir, trusted_keys)
@@ -283,7 +283,7 @@ def read_bundle(bundle_dir: Path, trusted_keys: Any = None) -> tuple[str | None,
 def resolve_models(roles: tuple[str, ...], models_dir: Path, bundle_dir: Path | None, backend: str,
                    trusted_keys: Any = None) -> tuple[dict[str, ModelChoice], str | None, list[str]]:
     """Per role: the bundle's artifact, card, backend and precision where it names them, else models_dir."""
-    from appliance.runtime.select import profile_candidates
+    from edgescreen.appliance.runtime.select import profile_candidates
 
     bundle_id, entries, warnings = (None, {}, [])
     fallbacks: tuple[tuple[str, str, str], ...] = ()
@@ -310,7 +310,7 @@ def resolve_models(roles: tuple[str, ...], models_dir: Path, bundle_dir: Path | 
 
 def load_models(choices: dict[str, ModelChoice], threads: int | None, batch_size: int) -> dict[str, Any]:
     """Stage models, cached across studies (the worker analyses many; loading a session costs seconds)."""
-    from appliance.pipeline.pancreas import load_stage_model
+    from edgescreen.appliance.pipeline.pancreas import load_stage_model
 
     models = {}
     for role, c in choices.items():
@@ -346,7 +346,7 @@ def fallback_warnings(models: Any) -> list[str]:
 def _dicom_outputs(findings: dict[str, Any], datasets: list, masks: dict[str, np.ndarray], out_dir: Path,
                    warnings: list[str], required: bool) -> list[Path]:
     """DICOM SEG / SR / PDF; a failure is a warning (the findings stand) unless outputs are required."""
-    from appliance.pipeline.outputs import write_dicom_outputs
+    from edgescreen.appliance.pipeline.outputs import write_dicom_outputs
 
     try:
         return [Path(p) for p in write_dicom_outputs(findings, datasets, masks, out_dir)]
@@ -376,8 +376,8 @@ def _lesion_caption(lesion: dict[str, Any]) -> str:
 
 
 def _ct_key_images(result: Any, masks: dict[str, np.ndarray], findings: dict[str, Any], out_dir: Path) -> list[Path]:
-    from appliance.pipeline.keyimages import ct_key_image
-    from appliance.pipeline.preprocess import bbox_centre
+    from edgescreen.appliance.pipeline.keyimages import ct_key_image
+    from edgescreen.appliance.pipeline.preprocess import bbox_centre
 
     hu = result.ct.hu
     spacing_yx = result.ct.grid.spacing[1:]
@@ -461,7 +461,7 @@ class _Run:
         return choices, bundle_id
 
     def operating_point(self, pipeline: str, card: Any) -> dict[str, Any]:
-        from appliance.pipeline.operating_point import resolve
+        from edgescreen.appliance.pipeline.operating_point import resolve
 
         s = self.settings
         return resolve(card, name=s.operating_points.get(pipeline), name_source=s.operating_point_source,
@@ -469,9 +469,9 @@ class _Run:
 
 
 def _run_pancreas(run: _Run, series: SeriesInfo) -> dict[str, Any]:
-    from appliance.pipeline.domain.gate import assess_ct
-    from appliance.pipeline.outputs.labels import FILE_NAME, write_labels
-    from appliance.pipeline.pancreas import (
+    from edgescreen.appliance.pipeline.domain.gate import assess_ct
+    from edgescreen.appliance.pipeline.outputs.labels import FILE_NAME, write_labels
+    from edgescreen.appliance.pipeline.pancreas import (
         ROLES,
         CascadeSettings,
         canonical_masks,
@@ -521,10 +521,10 @@ def _run_pancreas(run: _Run, series: SeriesInfo) -> dict[str, Any]:
 
 
 def _run_mammo(run: _Run, series: list[SeriesInfo]) -> dict[str, Any]:
-    from appliance.modelcard import Percentile
-    from appliance.pipeline import mammo
-    from appliance.pipeline.domain.gate import assess_mg
-    from appliance.pipeline.keyimages import mammo_heatmap_overlay, mammo_key_image
+    from edgescreen.appliance.modelcard import Percentile
+    from edgescreen.appliance.pipeline import mammo
+    from edgescreen.appliance.pipeline.domain.gate import assess_mg
+    from edgescreen.appliance.pipeline.keyimages import mammo_heatmap_overlay, mammo_key_image
 
     settings = run.settings
     files = [f for s in series for f in s.files]

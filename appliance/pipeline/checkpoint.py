@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from appliance.logs import get_logger
-from appliance.store.files import atomic_write, fsync_dir  # noqa: F401 - re-exported
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.store.files import atomic_write, fsync_dir  # noqa: F401 - re-exported
 
-log = get_logger("appliance.pipeline.checkpoint")
+log = get_logger("edgescreen.appliance.pipeline.checkpoint")
 
 Gate = Callable[[str], bool]
 _KEY_FILE = "key.json"

@@ -36,9 +36,9 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from appliance.logs import get_logger
+from edgescreen.appliance.logs import get_logger
 
-log = get_logger("appliance.pipeline.ctload")
+log = get_logger("edgescreen.appliance.pipeline.ctload")
 
 AIR_HU = -1024
 _RAW_SYNTAXES = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
@@ -197,7 +197,7 @@ def _walk_bytes(buf: bytes, complete: bool) -> _Walked | None:
     """The loader's tags and the pixel data's place from a Part 10 file's first bytes (all of them when
     `complete`), with the DICOM service's element walker (appliance.dicom.header: one walker in the box).
     None: a file the walk leaves to pydicom. Raises dicom_header._Truncated when the bytes end first."""
-    from appliance.dicom import header as dicom_header
+    from edgescreen.appliance.dicom import header as dicom_header
 
     try:
         meta, data = dicom_header.split_file_meta(buf)
@@ -228,7 +228,7 @@ def _walk_bytes(buf: bytes, complete: bool) -> _Walked | None:
 
 def _walk(path: Path) -> _Walked | None:
     """`_walk_bytes` on the file's first bytes, then on all of it if the header is longer; None: use pydicom."""
-    from appliance.dicom.header import _Truncated
+    from edgescreen.appliance.dicom.header import _Truncated
 
     try:
         with open(path, "rb") as fh:

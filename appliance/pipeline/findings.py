@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance import RESEARCH_USE_BANNER
-from appliance.pipeline.checkpoint import atomic_write_bytes
+from edgescreen.appliance import RESEARCH_USE_BANNER
+from edgescreen.appliance.pipeline.checkpoint import atomic_write_bytes
 
 SCHEMA_VERSION = 1
 Triage = Literal["suspicious", "not_suspicious", "indeterminate"]

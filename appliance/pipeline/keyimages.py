@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from appliance import RESEARCH_USE_BANNER
-from appliance.pipeline.checkpoint import atomic_write_bytes
+from edgescreen.appliance import RESEARCH_USE_BANNER
+from edgescreen.appliance.pipeline.checkpoint import atomic_write_bytes
 
 ABDOMEN_WINDOW = (40.0, 400.0)  # level, width
 PANCREAS_RGB = (0, 220, 255)

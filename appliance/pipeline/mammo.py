@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from appliance.logs import get_logger
-from appliance.modelcard import ModelCard, Percentile, Preprocessing, load_card, model_path
-from appliance.pipeline.activations import activate
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.modelcard import ModelCard, Percentile, Preprocessing, load_card, model_path
+from edgescreen.appliance.pipeline.activations import activate
 
-log = get_logger("appliance.pipeline.mammo")
+log = get_logger("edgescreen.appliance.pipeline.mammo")
 
 IMAGE_INPUT = "image"
 SCORES_OUTPUT = "scores"
@@ -65,7 +65,7 @@ def _default_card() -> Path:
     if beside.is_file():
         return beside
     try:
-        spec = importlib.util.find_spec("models")
+        spec = importlib.util.find_spec("edgescreen.models")
     except (ImportError, ValueError):
         spec = None
     for location in (spec.submodule_search_locations or []) if spec is not None else []:
@@ -381,7 +381,7 @@ class MammoResult:
 
 def load_session(card_path: Path = DEFAULT_CARD, backend: str = "onnxruntime") -> tuple[ModelCard, object]:
     """The card (validated, sha256 checked) and a runtime session for its model."""
-    from appliance.runtime import get_backend
+    from edgescreen.appliance.runtime import get_backend
 
     card = load_card(card_path)
     if card.role != "mammo":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.modelcard import ModelCard
+from edgescreen.appliance.modelcard import ModelCard
 
 
 class OperatingPointError(ValueError):

@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from appliance.logs import get_logger
-from appliance.modelcard import ModelCard, OutputSpec, load_card, model_path, sha256_file
-from appliance.pipeline import activations
-from appliance.pipeline.checkpoint import CheckpointStore, Gate, check_gate
-from appliance.pipeline.ctload import CtVolume, load_ct_series
-from appliance.pipeline.preprocess import (
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.modelcard import ModelCard, OutputSpec, load_card, model_path, sha256_file
+from edgescreen.appliance.pipeline import activations
+from edgescreen.appliance.pipeline.checkpoint import CheckpointStore, Gate, check_gate
+from edgescreen.appliance.pipeline.ctload import CtVolume, load_ct_series
+from edgescreen.appliance.pipeline.preprocess import (
     AIR_HU,
     Grid,
     Reorientation,
@@ -42,9 +42,9 @@ from appliance.pipeline.preprocess import (
     sample_box,
     zoomed_grid,
 )
-from appliance.pipeline.sliding_window import WindowSpec, sliding_window
+from edgescreen.appliance.pipeline.sliding_window import WindowSpec, sliding_window
 
-log = get_logger("appliance.pipeline.pancreas")
+log = get_logger("edgescreen.appliance.pipeline.pancreas")
 
 PIPELINE_VERSION = "pancreas-cascade/1"
 ROLES = ("pancreas.stage1", "pancreas.stage2", "pancreas.stage3")
@@ -118,7 +118,7 @@ def load_stage_model(role: str, card_path: Path, *, artifact: Path | None = None
     from the bundle (patch, overlap, tiles per call), gated there on whole volumes; it applies only to
     the bundle's own artifact.
     """
-    from appliance.runtime.select import Choice, load_model
+    from edgescreen.appliance.runtime.select import Choice, load_model
 
     card = load_card(card_path, verify_file=artifact is None)  # a bundle's card names the FP32 file, not its artifact
     if card.role != role:
@@ -621,7 +621,7 @@ def load_canonical(paths: list[Path], *, progress: Progress | None = None, **loa
     try:
         reo, grid, oblique = canonical_orientation(grid0)
     except ValueError as exc:
-        from appliance.pipeline.ctload import SeriesError
+        from edgescreen.appliance.pipeline.ctload import SeriesError
 
         raise SeriesError(f"{exc}; need an axial, coronal or sagittal CT series") from exc
     if oblique > 10.0:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from appliance.modelcard import HuWindow, Normalization, Percentile, ZScore
+from edgescreen.appliance.modelcard import HuWindow, Normalization, Percentile, ZScore
 
 AIR_HU = -1024.0
 _AXIS_OF_LPS = {0: 2, 1: 1, 2: 0}  # LPS x -> canonical index axis 2 (x), y -> 1, z -> 0

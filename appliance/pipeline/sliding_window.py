@@ -20,10 +20,10 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage
 
-from appliance.logs import get_logger
-from appliance.pipeline.checkpoint import CheckpointStore, Gate, Preempted
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.pipeline.checkpoint import CheckpointStore, Gate, Preempted
 
-log = get_logger("appliance.pipeline.sliding_window")
+log = get_logger("edgescreen.appliance.pipeline.sliding_window")
 
 Predict = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 

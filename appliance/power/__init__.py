@@ -5,8 +5,8 @@ Sources (`NutPowerSource`, `BatteryPowerSource`) answer "what is the supply doin
 Neither ever raises from its polling call: the gate decides what an unknown reading means.
 """
 
-from appliance.power.battery import BatteryPowerSource
-from appliance.power.meters import (
+from edgescreen.appliance.power.battery import BatteryPowerSource
+from edgescreen.appliance.power.meters import (
     EstimatedMeter,
     Ina3221Meter,
     MeterSample,
@@ -15,8 +15,8 @@ from appliance.power.meters import (
     RaplMeter,
     detect_meter,
 )
-from appliance.power.nut import NutClient, NutError, NutPowerSource, NutUnavailable
-from appliance.power.sources import PowerReading, PowerSource, parse_status
+from edgescreen.appliance.power.nut import NutClient, NutError, NutPowerSource, NutUnavailable
+from edgescreen.appliance.power.sources import PowerReading, PowerSource, parse_status
 
 __all__ = [
     "BatteryPowerSource",

@@ -13,8 +13,8 @@ from typing import Any
 
 import psutil
 
-from appliance.logs import get_logger
-from appliance.power.sources import PowerReading, on_mains_from_flags
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.power.sources import PowerReading, on_mains_from_flags
 
 log = get_logger(__name__)
 

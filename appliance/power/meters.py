@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from appliance.logs import get_logger
+from edgescreen.appliance.logs import get_logger
 
 log = get_logger(__name__)
 

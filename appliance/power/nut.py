@@ -18,8 +18,8 @@ import time
 from collections.abc import Mapping
 from types import TracebackType
 
-from appliance.logs import get_logger
-from appliance.power.sources import PowerReading, on_mains_from_flags, parse_status, to_float
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.power.sources import PowerReading, on_mains_from_flags, parse_status, to_float
 
 log = get_logger(__name__)
 

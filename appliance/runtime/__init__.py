@@ -4,6 +4,12 @@ Each backend imports its vendor library lazily, so a box without OpenVINO or Ten
 imports everything else; such a backend reports itself as unavailable with the reason.
 """
 
-from appliance.runtime.base import Backend, BackendUnavailable, Session, available_backends, get_backend
+from edgescreen.appliance.runtime.base import (
+    Backend,
+    BackendUnavailable,
+    Session,
+    available_backends,
+    get_backend,
+)
 
 __all__ = ["Backend", "BackendUnavailable", "Session", "available_backends", "get_backend"]

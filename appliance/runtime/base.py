@@ -19,9 +19,9 @@ import numpy as np
 
 # name -> module holding a `BACKEND` object; imported only when asked for.
 _PLUGINS: dict[str, str] = {
-    "onnxruntime": "appliance.runtime.onnxruntime_backend",
-    "openvino": "appliance.runtime.openvino_backend",
-    "tensorrt": "appliance.runtime.tensorrt_backend",
+    "onnxruntime": "edgescreen.appliance.runtime.onnxruntime_backend",
+    "openvino": "edgescreen.appliance.runtime.openvino_backend",
+    "tensorrt": "edgescreen.appliance.runtime.tensorrt_backend",
 }
 
 # The precisions a bundle or hardware profile may name. "int8" means the artifact itself is

@@ -12,8 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.logs import get_logger
-from appliance.runtime.base import Backend, BackendUnavailable, Session, check_artifact, check_precision
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.runtime.base import (
+    Backend,
+    BackendUnavailable,
+    Session,
+    check_artifact,
+    check_precision,
+)
 
 log = get_logger(__name__)
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.logs import get_logger
-from appliance.runtime.base import PRECISIONS, BackendUnavailable, Session, get_backend
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.runtime.base import PRECISIONS, BackendUnavailable, Session, get_backend
 
 log = get_logger(__name__)
 
@@ -183,7 +183,7 @@ def profile_candidates(name: str | None) -> list[dict[str, str]]:
     if not name:
         return []
     try:
-        from appliance.config import load_profile
+        from edgescreen.appliance.config import load_profile
 
         return [c.model_dump() for c in load_profile(name).candidates]
     except Exception as exc:  # noqa: BLE001 - a profile problem is logged, never fatal here

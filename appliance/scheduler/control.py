@@ -10,7 +10,7 @@ import json
 import time
 from typing import Any
 
-from appliance.store import Store
+from edgescreen.appliance.store import Store
 
 PAUSE_KEY = "scheduler.paused"
 

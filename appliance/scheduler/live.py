@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from appliance.context import AppContext
-from appliance.logs import get_logger
-from appliance.power.sources import PowerReading
-from appliance.scheduler import control
-from appliance.scheduler.policy import Decision, PowerGate, plan
-from appliance.scheduler.scanner import (
+from edgescreen.appliance.context import AppContext
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.power.sources import PowerReading
+from edgescreen.appliance.scheduler import control
+from edgescreen.appliance.scheduler.policy import Decision, PowerGate, plan
+from edgescreen.appliance.scheduler.scanner import (
     ClinicHoursSource,
     ManualSource,
     MppsSource,
@@ -41,12 +41,12 @@ class LiveGate:
         store = ctx.store
         self.power_source = None
         if cfg.power.nut_host:
-            from appliance.power.nut import NutPowerSource
+            from edgescreen.appliance.power.nut import NutPowerSource
 
             self.power_source = NutPowerSource(cfg.power.nut_host, cfg.power.nut_port, cfg.power.nut_ups,
                                                username=cfg.power.nut_username, password=cfg.power.nut_password)
         else:
-            from appliance.power.battery import BatteryPowerSource
+            from edgescreen.appliance.power.battery import BatteryPowerSource
 
             battery = BatteryPowerSource()
             if battery.read().error is None:  # a box with its own battery (a laptop-class device)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from appliance.config.profile import HardwareProfile, PowerMode
-from appliance.config.site import Power, Scheduler
-from appliance.power.sources import PowerReading
-from appliance.scheduler.scanner import ScannerState
+from edgescreen.appliance.config.profile import HardwareProfile, PowerMode
+from edgescreen.appliance.config.site import Power, Scheduler
+from edgescreen.appliance.power.sources import PowerReading
+from edgescreen.appliance.scheduler.scanner import ScannerState
 
 POWER_GRACE_S = 60.0
 STARVING_GRACE_S = 30.0

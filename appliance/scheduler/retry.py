@@ -13,7 +13,7 @@ import errno
 import random
 import sqlite3
 
-from appliance.config.site import RetryPolicy
+from edgescreen.appliance.config.site import RetryPolicy
 
 
 def delay(policy: RetryPolicy, attempt: int, rng: random.Random | None = None) -> float:

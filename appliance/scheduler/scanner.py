@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from appliance.store import Store, heartbeat
+from edgescreen.appliance.store import Store, heartbeat
 
 DICOM_SERVICE = "dicom"  # the heartbeat row the DICOM service writes (appliance.dicom.scp)
 MANUAL_KEY = "scanner.manual"

@@ -19,13 +19,13 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from appliance.config.load import describe_error
-from appliance.config.profile import HardwareProfile
-from appliance.config.site import Power, Scheduler
-from appliance.power.sources import PowerReading
-from appliance.scheduler.policy import PowerGate, plan
-from appliance.scheduler.scanner import ScannerSignal, combine
-from appliance.store import Store, jobs
+from edgescreen.appliance.config.load import describe_error
+from edgescreen.appliance.config.profile import HardwareProfile
+from edgescreen.appliance.config.site import Power, Scheduler
+from edgescreen.appliance.power.sources import PowerReading
+from edgescreen.appliance.scheduler.policy import PowerGate, plan
+from edgescreen.appliance.scheduler.scanner import ScannerSignal, combine
+from edgescreen.appliance.store import Store, jobs
 
 TRACE_KEYS = {"name", "description", "start_clock", "duration_h", "exams", "arrivals", "power", "model",
               "scheduler", "power_policy"}

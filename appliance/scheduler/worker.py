@@ -20,13 +20,13 @@ import time
 import uuid
 from pathlib import Path
 
-from appliance.context import AppContext
-from appliance.logs import get_logger
-from appliance.scheduler import retry
-from appliance.scheduler.live import LiveGate
-from appliance.store import jobs
-from appliance.store.instances import job_files
-from appliance.store.retention import IdlePurger
+from edgescreen.appliance.context import AppContext
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.scheduler import retry
+from edgescreen.appliance.scheduler.live import LiveGate
+from edgescreen.appliance.store import jobs
+from edgescreen.appliance.store.instances import job_files
+from edgescreen.appliance.store.retention import IdlePurger
 
 log = get_logger(__name__)
 
@@ -157,9 +157,9 @@ class Worker:
         Every exit gives the job back through the guarded transitions; nothing escapes but a store that
         cannot be written at all (the loop backs off, the lease expires, the job is reclaimed).
         """
-        from appliance.pipeline.analyze import InputError
-        from appliance.pipeline.checkpoint import Preempted
-        from appliance.pipeline.ctload import SeriesError
+        from edgescreen.appliance.pipeline.analyze import InputError
+        from edgescreen.appliance.pipeline.checkpoint import Preempted
+        from edgescreen.appliance.pipeline.ctload import SeriesError
 
         job_id = job["id"]
         jlog = log.bind(job=job_id, study=job["study_uid"], series=job["series_uid"])
@@ -215,8 +215,8 @@ class Worker:
         return "lease-lost"
 
     def _run(self, job: dict, jlog, *, threads: int | None, starving: bool) -> str:
-        from appliance.pipeline.analyze import AnalysisRequest, AnalysisSettings, analyze_study
-        from appliance.sync.enqueue import outbox_items_for_result
+        from edgescreen.appliance.pipeline.analyze import AnalysisRequest, AnalysisSettings, analyze_study
+        from edgescreen.appliance.sync.enqueue import outbox_items_for_result
 
         job_id = job["id"]
         out_dir, ckpt_dir = self.job_dirs(job_id)
@@ -276,7 +276,7 @@ class Worker:
         install or a rollback takes effect at the next job without a restart)."""
         if self.bundle_dir is not None:
             return self.bundle_dir
-        from appliance.bundle import current_bundle
+        from edgescreen.appliance.bundle import current_bundle
 
         return current_bundle(self.ctx.data_dir)
 

@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from appliance.logs import get_logger
-from appliance.store.files import remove_temp_files
-from appliance.store.migrations import MIGRATIONS
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.store.files import remove_temp_files
+from edgescreen.appliance.store.migrations import MIGRATIONS
 
 log = get_logger(__name__)
 

@@ -16,7 +16,7 @@ import socket
 import time
 from typing import Any
 
-from appliance.store.db import Store
+from edgescreen.appliance.store.db import Store
 
 BEAT_EVERY_S = 5.0
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from appliance.logs import get_logger
-from appliance.store.db import Store, reconcile_dir, series_dirs
-from appliance.store.files import TMP_SUFFIX, fsync_dir
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.store.db import Store, reconcile_dir, series_dirs
+from edgescreen.appliance.store.files import TMP_SUFFIX, fsync_dir
 
 log = get_logger(__name__)
 

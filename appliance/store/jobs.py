@@ -28,8 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.store.db import Store
-from appliance.store.outbox import OutboxItem, add_items
+from edgescreen.appliance.store.db import Store
+from edgescreen.appliance.store.outbox import OutboxItem, add_items
 
 JOB_STATES = ("receiving", "queued", "running", "done", "failed", "quarantined")
 
@@ -132,7 +132,9 @@ def enqueue(store: Store, study_uid: str, series_uid: str, pipeline: str, *, pri
 
     `created_at`, `urgent` and `run_now` let the clinic-day simulator replay a trace's arrivals.
     """
-    from appliance.pipeline.accepts import PIPELINES  # the one list of pipelines (no schema CHECK names them)
+    from edgescreen.appliance.pipeline.accepts import (
+        PIPELINES,  # the one list of pipelines (no schema CHECK names them)
+    )
 
     if pipeline not in PIPELINES:
         raise ValueError(f"pipeline {pipeline!r}: use one of {', '.join(PIPELINES)}")

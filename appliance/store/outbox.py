@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.store.db import Store
+from edgescreen.appliance.store.db import Store
 
 STATES = ("pending", "sending", "sent", "failed", "superseded")
 CLOCK_SKEW_S = 60.0  # a row changed further than this in the future: the clock has gone back since

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.config.site import Retention
-from appliance.logs import get_logger
-from appliance.store.db import Store
+from edgescreen.appliance.config.site import Retention
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.store.db import Store
 
 log = get_logger(__name__)
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from appliance.store.db import Store
+from edgescreen.appliance.store.db import Store
 
 STATES = ("receiving", "waiting", "running", "done", "failed", "quarantined", "not_analysed")
 TRIAGES = ("suspicious", "indeterminate", "not_suspicious")

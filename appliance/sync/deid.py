@@ -50,7 +50,7 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import UID_dictionary
 
-from appliance import __version__
+from edgescreen.appliance import __version__
 
 PROFILE_EDITION = "dicomfields_2026c"
 BANNER_PREFIX = "RESEARCH USE ONLY"

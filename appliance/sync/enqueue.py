@@ -22,9 +22,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from appliance.config.site import SiteConfig
-from appliance.logs import get_logger
-from appliance.store.outbox import OutboxItem
+from edgescreen.appliance.config.site import SiteConfig
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.store.outbox import OutboxItem
 
 log = get_logger(__name__)
 
@@ -57,7 +57,7 @@ def outbox_items_for_result(config: SiteConfig, *, data_dir: Path, study_uid: st
         key = f"{PACS_KIND}:" + hashlib.sha1("\n".join([study_uid, *sorted(rel)]).encode()).hexdigest()
         items.append(OutboxItem(PACS_KIND, key, {"study_uid": study_uid, "files": rel, "done": []}))
     if cloud if cloud is not None else config.sync.enabled:
-        from appliance.sync.deid import DeidError
+        from edgescreen.appliance.sync.deid import DeidError
 
         try:
             items += cloud_items(config, data_dir=data_dir, study_uid=study_uid, findings=findings, outputs=outputs)
@@ -70,7 +70,7 @@ def outbox_items_for_result(config: SiteConfig, *, data_dir: Path, study_uid: st
 
 def cloud_items(config: SiteConfig, *, data_dir: Path, study_uid: str, findings: dict[str, Any],
                 outputs: list[Path]) -> list[OutboxItem]:
-    from appliance.sync.deid import DeidPolicy
+    from edgescreen.appliance.sync.deid import DeidPolicy
 
     secret = DeidPolicy.from_config(config, data_dir).secret
 
@@ -97,7 +97,7 @@ def enqueue_result(store: Any, config: SiteConfig, *, findings: dict[str, Any], 
                    cloud: bool = True) -> list[int]:
     """`analyze --enqueue-sync`: queue a result analysed outside the worker, as the worker would, in one
     transaction. Returns the outbox ids."""
-    from appliance.store.outbox import add_items
+    from edgescreen.appliance.store.outbox import add_items
 
     items = outbox_items_for_result(config, data_dir=store.data_dir, study_uid=findings["study_uid"],
                                     findings=findings, out_dir=out_dir, cloud=cloud)

@@ -14,15 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance import __version__
-from appliance.store.db import Store
+from edgescreen.appliance import __version__
+from edgescreen.appliance.store.db import Store
 
 
 def scrub(text: str | None, secrets_: list[str]) -> str | None:
     """An error message fit to leave the box: no quoted values, UIDs, file paths or known patient identifiers."""
     if not text:
         return text
-    from appliance.sync.deid import scrub_text
+    from edgescreen.appliance.sync.deid import scrub_text
 
     return scrub_text(text, secrets_)[:240]
 
@@ -65,7 +65,7 @@ def health(store: Store, config: Any, *, device_id: str, now: float | None = Non
     power_rows = store.query("SELECT ts, source, state FROM events WHERE kind = 'power' AND ts > ? ORDER BY ts DESC",
                              (now - 86400,))
     last_power = store.query_one("SELECT state FROM events WHERE kind = 'power' ORDER BY ts DESC LIMIT 1")
-    from appliance.bundle import current_bundle
+    from edgescreen.appliance.bundle import current_bundle
 
     bundle = current_bundle(store.data_dir)
     models: list[dict[str, Any]] = []

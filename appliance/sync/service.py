@@ -34,15 +34,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from appliance.config.site import RetryPolicy, check_transport_url
-from appliance.context import AppContext
-from appliance.logs import get_logger
-from appliance.scheduler.retry import delay
-from appliance.store import outbox
-from appliance.store.outbox import OutboxItem
-from appliance.sync.enqueue import CLOUD_KINDS, FINDING_KIND, HEALTH_KIND
-from appliance.sync.status import record_link
-from appliance.sync.transport import (
+from edgescreen.appliance.config.site import RetryPolicy, check_transport_url
+from edgescreen.appliance.context import AppContext
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.scheduler.retry import delay
+from edgescreen.appliance.store import outbox
+from edgescreen.appliance.store.outbox import OutboxItem
+from edgescreen.appliance.sync.enqueue import CLOUD_KINDS, FINDING_KIND, HEALTH_KIND
+from edgescreen.appliance.sync.status import record_link
+from edgescreen.appliance.sync.transport import (
     AuthError,
     CloudClient,
     LinkError,
@@ -167,7 +167,7 @@ class SyncService:
     @property
     def deid(self):  # noqa: ANN201 - built on first use: reading the secret and the profile tables costs
         if self._deid is None:
-            from appliance.sync.deid import Deidentifier, DeidPolicy
+            from edgescreen.appliance.sync.deid import Deidentifier, DeidPolicy
 
             self._deid = Deidentifier(DeidPolicy.from_config(self.ctx.config, self.ctx.data_dir))
         return self._deid
@@ -176,7 +176,7 @@ class SyncService:
     def _on_mains(self) -> str | None:
         """None when on mains (or the box has no power source to ask); else why we wait."""
         if self._power is None:
-            from appliance.scheduler.live import LiveGate
+            from edgescreen.appliance.scheduler.live import LiveGate
 
             self._power = LiveGate(self.ctx).power_source or False
         if self._power is False:
@@ -208,7 +208,7 @@ class SyncService:
         last = self.last_heartbeat
         if self.client is None or (last is not None and 0 <= now - last < self.cfg.heartbeat_s):
             return None
-        from appliance.sync.health import health
+        from edgescreen.appliance.sync.health import health
 
         body = health(self.store, self.ctx.config, device_id=self.device_id, now=now)
         key = f"{HEALTH_KIND}:{self.device_id}:{int(now * 1000)}"
@@ -221,7 +221,7 @@ class SyncService:
     def pacs_round(self) -> dict[str, int]:
         if self.ctx.config.dicom.pacs is None:
             return {}
-        from appliance.dicom.export import export_pending
+        from edgescreen.appliance.dicom.export import export_pending
 
         return export_pending(self.store, self.ctx.config, owner=self.owner)
 
@@ -311,7 +311,7 @@ class SyncService:
     def deliver(self, row: dict[str, Any], marks: list[tuple[int, str, dict[str, Any]]] | None = None) -> str:
         """Send one claimed item; settle its row (a "sent" mark goes to `marks`, committed with the next claim,
         when given). Returns "sent", "deferred" or "failed"."""
-        from appliance.sync.deid import DeidError
+        from edgescreen.appliance.sync.deid import DeidError
 
         item_id, kind = row["id"], row["kind"]
         ilog = log.bind(outbox=item_id, kind=kind)
@@ -356,7 +356,8 @@ class SyncService:
         return "sent"
 
     def _send(self, row: dict[str, Any], payload: dict[str, Any], ilog: Any) -> str:
-        assert self.client is not None
+        if self.client is None:
+            raise RuntimeError("sync: no cloud client ([sync] url unset): nothing can be sent to the cloud")
         kind, key, group = row["kind"], row["idempotency_key"], row["group_key"]
         phi = bool(payload.get("phi")) and self.cfg.send_phi  # both when queued and now
         if kind == HEALTH_KIND:
@@ -367,8 +368,8 @@ class SyncService:
             if phi:
                 body = findings
             else:
-                from appliance.sync.health import phi_of_study
-                from appliance.sync.summary import finding_summary
+                from edgescreen.appliance.sync.health import phi_of_study
+                from edgescreen.appliance.sync.summary import finding_summary
 
                 forbidden = phi_of_study(self.store, payload.get("study_uid"))
                 forbidden += [str(findings.get("series_uid") or "")]
@@ -390,7 +391,7 @@ class SyncService:
     # -- loops -------------------------------------------------------------------------------------------
     def _beat(self, started: float) -> None:
         try:
-            from appliance.store.heartbeat import beat
+            from edgescreen.appliance.store.heartbeat import beat
 
             beat(self.store, "sync", started_at=started)
         except Exception as exc:  # noqa: BLE001 - a missing heartbeats table never stops sync

@@ -11,9 +11,9 @@ import json
 import time
 from typing import Any
 
-from appliance.store import outbox
-from appliance.store.db import Store
-from appliance.sync.enqueue import CLOUD_KINDS
+from edgescreen.appliance.store import outbox
+from edgescreen.appliance.store.db import Store
+from edgescreen.appliance.sync.enqueue import CLOUD_KINDS
 
 DESTINATIONS = {"pacs": "kind = 'pacs'", "cloud": "kind LIKE 'cloud.%'"}
 _KINDS = {"pacs": ("pacs",), "cloud": CLOUD_KINDS}

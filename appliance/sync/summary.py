@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from appliance.sync.deid import Deidentifier, DeidError, find_identifiers, scrub_text
+from edgescreen.appliance.sync.deid import Deidentifier, DeidError, find_identifiers, scrub_text
 
 _TOP = ("schema_version", "pipeline", "triage", "abnormal_probability", "threshold", "pancreas_volume_ml", "organs",
         "operating_point", "models", "bundle", "disclaimer", "timings_s")

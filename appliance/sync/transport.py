@@ -22,7 +22,7 @@ from typing import Any
 
 import requests
 
-from appliance import __version__
+from edgescreen.appliance import __version__
 
 
 class TransientError(RuntimeError):

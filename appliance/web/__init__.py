@@ -21,8 +21,8 @@ from flask_babel import Babel
 from flask_login import LoginManager, current_user, logout_user
 from flask_wtf.csrf import CSRFError, CSRFProtect
 
-from appliance import RESEARCH_USE_BANNER, __version__
-from appliance.context import AppContext
+from edgescreen.appliance import RESEARCH_USE_BANNER, __version__
+from edgescreen.appliance.context import AppContext
 
 PUBLIC_ENDPOINTS = frozenset({"auth.login", "auth.healthz", "static"})
 # reachable while a user must still change the one-time password
@@ -75,7 +75,9 @@ def _local_timezone() -> str:
 
 
 def create_app(ctx: AppContext) -> Flask:
-    app = Flask(__name__)
+    # instance_path given: Flask's own search for it walks the top-level package's locations, and the
+    # edgescreen namespace of an editable install has none it recognises (the app keeps nothing there)
+    app = Flask(__name__, instance_path=str(Path(ctx.data_dir).resolve() / "web"))
     app.config["EDGESCREEN"] = ctx
     web = ctx.config.web
     app.config.update(
@@ -101,10 +103,10 @@ def create_app(ctx: AppContext) -> Flask:
 
     # imported and exercised now, not at the first slice: pydicom, numpy and PIL (and their lazily loaded image
     # plugins and pixel decoders) cost a second on a small busy box
-    from appliance.web import admin, api, auth, quarantine, render, study, system, upload, worklist  # noqa: F401
+    from edgescreen.appliance.web import admin, api, auth, quarantine, render, study, system, upload, worklist  # noqa: F401
 
     render.warm_up()
-    from appliance.web.helpers import banner_translation, install_filters
+    from edgescreen.appliance.web.helpers import banner_translation, install_filters
 
     for module in (auth, worklist, study, system, quarantine, upload, admin):
         app.register_blueprint(module.bp)

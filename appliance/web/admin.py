@@ -5,9 +5,9 @@ from __future__ import annotations
 from flask import Blueprint, flash, redirect, render_template, request, url_for
 from flask_babel import gettext as _
 
-from appliance import accounts
-from appliance.store.worklist import day_bounds
-from appliance.web.helpers import actor, require, store, studies_named
+from edgescreen.appliance import accounts
+from edgescreen.appliance.store.worklist import day_bounds
+from edgescreen.appliance.web.helpers import actor, require, store, studies_named
 
 bp = Blueprint("admin", __name__)
 AUDIT_PER_PAGE = 100

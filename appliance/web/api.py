@@ -10,14 +10,14 @@ from pathlib import Path
 
 from flask import Blueprint, abort, jsonify, request, send_file
 
-from appliance import RESEARCH_USE_BANNER, accounts
-from appliance.web import quarantine as quarantine_view
-from appliance.web import study as study_view
-from appliance.web import system as system_view
-from appliance.web import upload as upload_view
-from appliance.web.admin import audit_query
-from appliance.web.helpers import require, store
-from appliance.web.worklist import BadQuery, display_rows, query_from_args
+from edgescreen.appliance import RESEARCH_USE_BANNER, accounts
+from edgescreen.appliance.web import quarantine as quarantine_view
+from edgescreen.appliance.web import study as study_view
+from edgescreen.appliance.web import system as system_view
+from edgescreen.appliance.web import upload as upload_view
+from edgescreen.appliance.web.admin import audit_query
+from edgescreen.appliance.web.helpers import require, store
+from edgescreen.appliance.web.worklist import BadQuery, display_rows, query_from_args
 
 bp = Blueprint("api", __name__)
 OPENAPI = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
@@ -102,7 +102,7 @@ def studies():
         q = query_from_args(request.args, strict=True)
     except BadQuery as exc:
         return error(str(exc), 400)
-    from appliance.store.worklist import query_worklist
+    from edgescreen.appliance.store.worklist import query_worklist
 
     page = query_worklist(store(), q)
     rows = [{k: r.get(k) for k in _STUDY_FIELDS} for r in display_rows(page.rows)]
@@ -131,7 +131,7 @@ def study_file(study_uid: str, job_id: int, name: str):
 @bp.post("/studies/<study_uid>/review")
 @require("review")
 def review(study_uid: str):
-    from appliance.store.worklist import study_summary
+    from edgescreen.appliance.store.worklist import study_summary
 
     if study_summary(store(), study_uid) is None:
         return error("no such study", 404)
@@ -147,7 +147,7 @@ def review(study_uid: str):
 
 @bp.get("/jobs")
 def jobs():
-    from appliance.store.jobs import JOB_STATES
+    from edgescreen.appliance.store.jobs import JOB_STATES
 
     states = tuple(request.args.getlist("state")) or JOB_STATES
     bad = [s for s in states if s not in JOB_STATES]

@@ -8,8 +8,8 @@ from flask import Blueprint, flash, jsonify, redirect, render_template, request,
 from flask_babel import gettext as _
 from flask_login import LoginManager, UserMixin, current_user, login_user, logout_user
 
-from appliance import RESEARCH_USE_BANNER, __version__, accounts
-from appliance.web.helpers import store
+from edgescreen.appliance import RESEARCH_USE_BANNER, __version__, accounts
+from edgescreen.appliance.web.helpers import store
 
 bp = Blueprint("auth", __name__)
 

@@ -10,9 +10,9 @@ from flask import Flask, abort, current_app, request
 from flask_babel import format_datetime, format_decimal, format_percent, lazy_gettext
 from flask_login import current_user
 
-from appliance import RESEARCH_USE_BANNER
-from appliance.context import AppContext
-from appliance.store import Store
+from edgescreen.appliance import RESEARCH_USE_BANNER
+from edgescreen.appliance.context import AppContext
+from edgescreen.appliance.store import Store
 
 
 def ctx() -> AppContext:

@@ -7,7 +7,7 @@ import time
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_babel import gettext as _
 
-from appliance.web.helpers import actor, ctx, require, store, studies_named
+from edgescreen.appliance.web.helpers import actor, ctx, require, store, studies_named
 
 bp = Blueprint("quarantine", __name__)
 PER_PAGE = 50
@@ -28,7 +28,7 @@ def quarantine_page(page: int = 1, per_page: int = PER_PAGE) -> dict:
 
 
 def retry_item(item_id: int):
-    from appliance.dicom.ingest import queue_series, reingest_quarantined
+    from edgescreen.appliance.dicom.ingest import queue_series, reingest_quarantined
 
     outcome = reingest_quarantined(store(), ctx().config.dicom, item_id, actor())
     if outcome.ok and outcome.series_uid:

@@ -24,12 +24,12 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from appliance.logs import get_logger
+from edgescreen.appliance.logs import get_logger
 
 # the label volume's reader pulls in the pipeline package (highdicom, scipy: over a second on a busy box); imported
 # with this module at start-up, so the first analysed study a radiographer opens does not pay for it
-from appliance.pipeline.outputs.labels import read_labels, slice_labels
-from appliance.store import Store
+from edgescreen.appliance.pipeline.outputs.labels import read_labels, slice_labels
+from edgescreen.appliance.store import Store
 
 log = get_logger(__name__)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 from flask import Blueprint, Response, abort, flash, redirect, render_template, request, send_file, url_for
 from flask_babel import gettext as _
 
-from appliance.store.worklist import study_summary
-from appliance.web import render
-from appliance.web.helpers import actor, ctx, patient_fields, require, store
+from edgescreen.appliance.store.worklist import study_summary
+from edgescreen.appliance.web import render
+from edgescreen.appliance.web.helpers import actor, ctx, patient_fields, require, store
 
 bp = Blueprint("study", __name__)
 
@@ -65,7 +65,7 @@ def study_detail(study_uid: str) -> dict | None:
     job_rows = s.query(
         """SELECT j.*, r.id AS result_id, r.triage, r.output_dir, r.reviewed_by, r.reviewed_at, r.created_at AS result_at
            FROM jobs j LEFT JOIN results r ON r.job_id = j.id WHERE j.study_uid = ? ORDER BY j.id""", (study_uid,))
-    from appliance.store.jobs import stage_position
+    from edgescreen.appliance.store.jobs import stage_position
 
     jobs = []
     for r in job_rows:

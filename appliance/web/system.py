@@ -17,10 +17,10 @@ from html import escape
 from flask import Blueprint, Response, abort, current_app, flash, redirect, render_template, request, url_for
 from flask_babel import gettext as _
 
-from appliance import __version__
-from appliance.logs import get_logger
-from appliance.store import InvalidTransition
-from appliance.web.helpers import actor, ctx, require, store
+from edgescreen.appliance import __version__
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.store import InvalidTransition
+from edgescreen.appliance.web.helpers import actor, ctx, require, store
 
 bp = Blueprint("system", __name__)
 log = get_logger(__name__)
@@ -41,7 +41,7 @@ def gate_view() -> dict:
     The same LiveGate the worker uses, read with record=False: the worker is the one that records scanner
     and power changes, so the timeline shows each change once however many pages are open.
     """
-    from appliance.scheduler.live import LiveGate
+    from edgescreen.appliance.scheduler.live import LiveGate
 
     _gate = _cache("gate")
     with _gate_lock:
@@ -75,7 +75,7 @@ def gate_view() -> dict:
 
 def _bundle_info() -> dict:
     """The active bundle, its backends and signature state (verified at most every 5 minutes)."""
-    from appliance.bundle import key_home, list_bundles
+    from edgescreen.appliance.bundle import key_home, list_bundles
 
     c = ctx()
     _bundle_cache = _cache("bundle")
@@ -93,10 +93,10 @@ def _bundle_info() -> dict:
             "roles": list(active.roles), "signature": "valid" if active.problem is None else active.problem},
             "installed": len(bundles), "error": None}
         if active is not None and active.problem is None:
-            from appliance.bundle import verify_bundle
+            from edgescreen.appliance.bundle import verify_bundle
 
             try:
-                from appliance.bundle import load_trusted_keys
+                from edgescreen.appliance.bundle import load_trusted_keys
 
                 manifest = verify_bundle(active.path, load_trusted_keys(key_home(c.config_path, c.data_dir)))
                 value["active"]["backends"] = {role: f"{m.backend} {m.precision} on {m.device}"
@@ -117,7 +117,7 @@ def _versions() -> dict:
 
 def _sync() -> dict:
     try:
-        from appliance.sync.status import summary
+        from edgescreen.appliance.sync.status import summary
     except ImportError:
         return {"available": False}
     try:
@@ -136,13 +136,13 @@ def _services() -> list[dict]:
 
 def system_status() -> dict:
     """Everything the system page shows; GET /api/v1/system returns the same."""
-    from appliance.scheduler import control
-    from appliance.store.jobs import queue_summary
+    from edgescreen.appliance.scheduler import control
+    from edgescreen.appliance.store.jobs import queue_summary
 
     c = ctx()
     s = store()
     disk = shutil.disk_usage(c.data_dir)
-    from appliance.store.jobs import stage_position
+    from edgescreen.appliance.store.jobs import stage_position
 
     running = [dict(r) for r in s.query("SELECT id, study_uid, pipeline, stage, progress, started_at FROM jobs "
                                         "WHERE state = 'running' ORDER BY started_at")]
@@ -278,7 +278,7 @@ class OverrideError(ValueError):
 
 
 def apply_job_action(job_id: int, action: str) -> str:
-    from appliance.store import jobs
+    from edgescreen.appliance.store import jobs
 
     try:
         if action in ("urgent", "run_now"):
@@ -294,7 +294,7 @@ def apply_job_action(job_id: int, action: str) -> str:
 
 
 def apply_scheduler(action: str, reason: str | None = None) -> dict:
-    from appliance.scheduler import control
+    from edgescreen.appliance.scheduler import control
 
     _cache("gate").update(value=None)
     if action == "pause":
@@ -303,7 +303,7 @@ def apply_scheduler(action: str, reason: str | None = None) -> dict:
 
 
 def apply_scanner(mode: str) -> None:
-    from appliance.scheduler.scanner import MANUAL_MODES, set_manual
+    from edgescreen.appliance.scheduler.scanner import MANUAL_MODES, set_manual
 
     if mode not in MANUAL_MODES:
         raise OverrideError(f"scanner mode {mode!r}: use one of {', '.join(MANUAL_MODES)}")

@@ -14,8 +14,8 @@ from pathlib import PurePosixPath
 from flask import Blueprint, flash, render_template, request
 from flask_babel import gettext as _
 
-from appliance.logs import get_logger
-from appliance.web.helpers import actor, ctx, require, store
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.web.helpers import actor, ctx, require, store
 
 bp = Blueprint("upload", __name__)
 log = get_logger(__name__)
@@ -53,7 +53,7 @@ def _members(files) -> list[tuple[str, callable]]:
 
 def ingest_upload(files) -> dict:
     """Ingest every file; returns counts, per-file problems and the series queued. Audited once."""
-    from appliance.dicom.ingest import Ingestor, ingest_bytes, queue_series
+    from edgescreen.appliance.dicom.ingest import Ingestor, ingest_bytes, queue_series
 
     s = store()
     ingestor = Ingestor(s, ctx().config.dicom)

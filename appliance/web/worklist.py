@@ -7,7 +7,7 @@ import datetime as dt
 from flask import Blueprint, redirect, render_template, request, url_for
 from werkzeug.datastructures import MultiDict
 
-from appliance.store.worklist import (
+from edgescreen.appliance.store.worklist import (
     MAX_PER_PAGE,
     SORTS,
     STATES,
@@ -16,7 +16,7 @@ from appliance.store.worklist import (
     day_bounds,
     query_worklist,
 )
-from appliance.web.helpers import ctx, patient_fields, store
+from edgescreen.appliance.web.helpers import ctx, patient_fields, store
 
 bp = Blueprint("worklist", __name__)
 MODALITIES = ("CT", "MG", "MR", "CR", "DX", "US", "OT")
@@ -96,7 +96,7 @@ def query_from_args(args: MultiDict, *, strict: bool = False) -> WorklistQuery:
 
 def display_rows(rows: list[dict]) -> list[dict]:
     """Rows as shown: names formatted (masked if the site says so), "stage k of n" for running jobs."""
-    from appliance.store.jobs import stage_position
+    from edgescreen.appliance.store.jobs import stage_position
 
     masked = ctx().config.web.mask_patient
     out = []

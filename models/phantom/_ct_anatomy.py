@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from models.phantom._canvas import (
+from edgescreen.models.phantom._canvas import (
     F32,
     Bbox,
     Block,
@@ -28,7 +28,7 @@ from models.phantom._canvas import (
     smoothstep,
     tube_from,
 )
-from models.phantom._ct_pelvis import Pelvis
+from edgescreen.models.phantom._ct_pelvis import Pelvis
 
 PANCREAS, LIVER, SPLEEN, R_KIDNEY, L_KIDNEY, AORTA, VERTEBRAE = 1, 2, 3, 4, 5, 6, 7
 SOLID_ORGANS = protect_lut(LIVER, SPLEEN, R_KIDNEY, L_KIDNEY, AORTA, VERTEBRAE)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from models.phantom._canvas import F32, Canvas, Capsule, Painter
-from models.phantom._ct_acquisition import KERNEL_NOISE, Acquisition
+from edgescreen.models.phantom._canvas import F32, Canvas, Capsule, Painter
+from edgescreen.models.phantom._ct_acquisition import KERNEL_NOISE, Acquisition
 
 METAL_HU = 3071.0
 

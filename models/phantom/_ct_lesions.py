@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from models.phantom._canvas import F32, Block, Canvas, Ellipsoid, Painter, WaveField, smoothstep
-from models.phantom._ct_anatomy import PANCREAS, SOLID_ORGANS, Abdomen, Pancreas
+from edgescreen.models.phantom._canvas import F32, Block, Canvas, Ellipsoid, Painter, WaveField, smoothstep
+from edgescreen.models.phantom._ct_anatomy import PANCREAS, SOLID_ORGANS, Abdomen, Pancreas
 
 LESION_CLASSES: tuple[str, ...] = ("pdac", "pnet", "spt", "ipmn", "mcn", "scn", "cp", "other")
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.phantom._canvas import F32, Canvas, Capsule, Ellipsoid, Tube, protect_lut, tube_from
+from edgescreen.models.phantom._canvas import F32, Canvas, Capsule, Ellipsoid, Tube, protect_lut, tube_from
 
 BONE_MIX = 0.45  # cortical share of a thin bone's mean HU at these sizes
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
-from appliance import RESEARCH_USE_BANNER
+from edgescreen.appliance import RESEARCH_USE_BANNER
 
 MANUFACTURER = "edgescreen phantom"
 INSTITUTION = "edgescreen synthetic data"

@@ -25,10 +25,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage
 from scipy import ndimage
 
-from appliance import RESEARCH_USE_BANNER
-from models.phantom import _dicom
-from models.phantom._canvas import Canvas, Painter
-from models.phantom._ct_acquisition import (
+from edgescreen.appliance import RESEARCH_USE_BANNER
+from edgescreen.models.phantom import _dicom
+from edgescreen.models.phantom._canvas import Canvas, Painter
+from edgescreen.models.phantom._ct_acquisition import (
     CONTRAST_PHASES,
     KERNEL_NOISE,
     KERNELS,
@@ -36,9 +36,9 @@ from models.phantom._ct_acquisition import (
     Acquisition,
     enhance,
 )
-from models.phantom._ct_anatomy import Abdomen
-from models.phantom._ct_artefacts import metal_painter, post_process
-from models.phantom._ct_lesions import LESION_CLASSES, LesionModel, sample_lesion
+from edgescreen.models.phantom._ct_anatomy import Abdomen
+from edgescreen.models.phantom._ct_artefacts import metal_painter, post_process
+from edgescreen.models.phantom._ct_lesions import LESION_CLASSES, LesionModel, sample_lesion
 
 ORGAN_LABELS: dict[str, int] = {
     "pancreas": 1,

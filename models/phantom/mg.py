@@ -23,8 +23,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from scipy import fft, ndimage
 
-from appliance import RESEARCH_USE_BANNER
-from models.phantom import _dicom
+from edgescreen.appliance import RESEARCH_USE_BANNER
+from edgescreen.models.phantom import _dicom
 
 MG_FINDINGS: tuple[str, ...] = ("benign", "malignant", "calcification")
 VIEWS: tuple[str, ...] = ("CC", "MLO")

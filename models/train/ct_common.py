@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from appliance.modelcard import HuWindow
-from appliance.pipeline import preprocess
-from appliance.pipeline.activations import softmax
-from appliance.pipeline.sliding_window import WindowSpec
-from appliance.pipeline.sliding_window import sliding_window as pipeline_sliding_window
+from edgescreen.appliance.modelcard import HuWindow
+from edgescreen.appliance.pipeline import preprocess
+from edgescreen.appliance.pipeline.activations import softmax
+from edgescreen.appliance.pipeline.sliding_window import WindowSpec
+from edgescreen.appliance.pipeline.sliding_window import sliding_window as pipeline_sliding_window
 
 # Seed ranges are disjoint so that no phantom patient is ever both trained on and evaluated on.
 TRAIN_SEEDS = (0, 99_999)

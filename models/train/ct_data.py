@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.train.ct_common import (
+from edgescreen.models.train.ct_common import (
     LESION_CLASSES,
     ORGAN_NAMES,
     STAGE1,
@@ -58,7 +58,7 @@ class PhantomError(RuntimeError):
 
 def phantom():  # noqa: ANN201 - the generator module
     """The project's CT phantom generator, imported lazily (it is written alongside these models)."""
-    from models.phantom import ct
+    from edgescreen.models.phantom import ct
 
     names = ("background", *sorted(ct.ORGAN_LABELS, key=ct.ORGAN_LABELS.get))
     if tuple(names) != ORGAN_NAMES or tuple(ct.LESION_CLASSES) != LESION_CLASSES:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from appliance.modelcard import ModelCard, sha256_file
+from edgescreen.appliance.modelcard import ModelCard, sha256_file
 
 OPSET = 17
 FEATURES = "features"  # the pooled-encoder output every retrained model carries (card-contract.md section 1)
@@ -120,7 +120,7 @@ def card_document(role: str, version: str, name: str, body: dict[str, Any], trai
 
 def recipe(steps: int, batch: int, lr: float, seed: int) -> str:
     """One sentence for a card's training_data: what a reader needs to repeat or judge the run."""
-    from models.train.ct_data import phantom_fingerprint
+    from edgescreen.models.train.ct_data import phantom_fingerprint
 
     return (f" Recipe: {steps} steps of batch {batch}, AdamW lr {lr:g} with warm-up and cosine decay, seed {seed}, "
             f"{train_threads()} torch thread(s), phantom generator revision {phantom_fingerprint()}.")

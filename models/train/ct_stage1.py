@@ -7,7 +7,7 @@ bowel and vessels of the same density on non-contrast CT. It trains on the domai
 children, scans from the chest to the pelvis; the patient's crowded bowel, mesentery and pelvis), so
 that on a real series it must find the gland among everything a real abdomen holds, not by its HU.
 
-    python -m models.train.ct_stage1 [--n 120] [--steps 2600] [--init models/pancreas.stage1.onnx]
+    python -m edgescreen.models.train.ct_stage1 [--n 120] [--steps 2600] [--init models/pancreas.stage1.onnx]
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from appliance.pipeline.metrics import dice
-from models.train import ct_trainer
-from models.train.ct_common import ORGAN_NAMES, STAGE1, TRAIN_SEEDS, sliding_window, window
-from models.train.ct_data import collect, pipeline_noise, stage1_training_volume, stage1_volume
-from models.train.ct_export import FEATURES, card_document, recipe
-from models.train.ct_nets import SegmentationWithFeatures, UNet3D, soft_dice_loss
+from edgescreen.appliance.pipeline.metrics import dice
+from edgescreen.models.train import ct_trainer
+from edgescreen.models.train.ct_common import ORGAN_NAMES, STAGE1, TRAIN_SEEDS, sliding_window, window
+from edgescreen.models.train.ct_data import collect, pipeline_noise, stage1_training_volume, stage1_volume
+from edgescreen.models.train.ct_export import FEATURES, card_document, recipe
+from edgescreen.models.train.ct_nets import SegmentationWithFeatures, UNet3D, soft_dice_loss
 
 CHANNELS = (8, 16, 32, 64, 128)
 ROLE = "pancreas.stage1"

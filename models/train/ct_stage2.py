@@ -8,7 +8,7 @@ plus pooled bottleneck features (see ct_nets.LesionNet). Operating points (99%, 
 95% sensitivity) are set on calibration seeds, disjoint from training and held-out ones; 99%
 specificity is the default.
 
-    python -m models.train.ct_stage2 [--n 450] [--steps 2200] [--init models/pancreas.stage2.onnx]
+    python -m edgescreen.models.train.ct_stage2 [--n 450] [--steps 2200] [--init models/pancreas.stage2.onnx]
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from appliance.pipeline.activations import sigmoid
-from appliance.pipeline.metrics import threshold_for_sensitivity, threshold_for_specificity
-from models.train import ct_trainer
-from models.train.ct_common import CALIB_SEEDS, LESION_CLASSES, STAGE2, TRAIN_SEEDS, window
-from models.train.ct_data import collect, fine_crops, pipeline_noise, thick_slices, training_lesion
-from models.train.ct_export import FEATURES, card_document, recipe
-from models.train.ct_nets import LesionNet, soft_dice_loss
+from edgescreen.appliance.pipeline.activations import sigmoid
+from edgescreen.appliance.pipeline.metrics import threshold_for_sensitivity, threshold_for_specificity
+from edgescreen.models.train import ct_trainer
+from edgescreen.models.train.ct_common import CALIB_SEEDS, LESION_CLASSES, STAGE2, TRAIN_SEEDS, window
+from edgescreen.models.train.ct_data import collect, fine_crops, pipeline_noise, thick_slices, training_lesion
+from edgescreen.models.train.ct_export import FEATURES, card_document, recipe
+from edgescreen.models.train.ct_nets import LesionNet, soft_dice_loss
 
 CHANNELS = (8, 16, 32, 64, 96)
 ROLE = "pancreas.stage2"

@@ -4,7 +4,7 @@ PANDA's stage 3 tells PDAC from PNET, SPT, IPMN, MCN, SCN, chronic pancreatitis 
 the management differs. The input is a lesion-centred crop with two channels: the CT and the lesion
 mask (from stage 2 in the appliance; the truth in training), so the net knows which blob to describe.
 
-    python -m models.train.ct_stage3 [--n 300] [--steps 4000] [--out models]
+    python -m edgescreen.models.train.ct_stage3 [--n 300] [--steps 4000] [--out models]
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from appliance.pipeline.activations import softmax
-from models.train import ct_trainer
-from models.train.ct_common import CALIB_SEEDS, LESION_CLASSES, STAGE3, TRAIN_SEEDS, window
-from models.train.ct_data import collect, fine_crops, pipeline_noise, thick_slices, training_lesion
-from models.train.ct_export import card_document, recipe
-from models.train.ct_nets import LesionClassifier
-from models.train.ct_stage2 import CALIB_LESIONS_FROM, N_CALIB_LESIONS, calib_lesion
+from edgescreen.appliance.pipeline.activations import softmax
+from edgescreen.models.train import ct_trainer
+from edgescreen.models.train.ct_common import CALIB_SEEDS, LESION_CLASSES, STAGE3, TRAIN_SEEDS, window
+from edgescreen.models.train.ct_data import collect, fine_crops, pipeline_noise, thick_slices, training_lesion
+from edgescreen.models.train.ct_export import card_document, recipe
+from edgescreen.models.train.ct_nets import LesionClassifier
+from edgescreen.models.train.ct_stage2 import CALIB_LESIONS_FROM, N_CALIB_LESIONS, calib_lesion
 
 CHANNELS = (16, 32, 64, 128)  # each block strides: 48x64x64 -> 3x4x4
 ROLE = "pancreas.stage3"

@@ -5,7 +5,7 @@ Why: stages 1-3 differ in their network, their data and their loss, never in how
 onnxruntime, a post-export check on calibration seeds, a validated card). Each stage describes
 itself as a ``Stage``; ``main(stage, argv)`` does the rest, so a fix to the loop reaches all three.
 
-    python -m models.train.ct_stage1 [--n 120] [--steps 2600] [--init models/pancreas.stage1.onnx]
+    python -m edgescreen.models.train.ct_stage1 [--n 120] [--steps 2600] [--init models/pancreas.stage1.onnx]
 """
 
 from __future__ import annotations
@@ -20,8 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.train.ct_export import export_onnx, load_weights, save_checkpoint, seed_everything, write_card
-from models.train.ct_nets import n_params, warmup_cosine
+from edgescreen.models.train.ct_export import (
+    export_onnx,
+    load_weights,
+    save_checkpoint,
+    seed_everything,
+    write_card,
+)
+from edgescreen.models.train.ct_nets import n_params, warmup_cosine
 
 MODELS_DIR = Path(__file__).resolve().parents[1]
 

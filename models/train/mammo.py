@@ -1,6 +1,6 @@
 """Train, cross-validate and export the mammography screening model on mini-MIAS.
 
-    python -m models.train.mammo --data /work/shared/data/mini-mias --out models/ [--size 1024]
+    python -m edgescreen.models.train.mammo --data /work/shared/data/mini-mias --out models/ [--size 1024]
 
 1. Prepare every image with the appliance's own `prepare_mammogram` (chest wall left, percentile
    scaled, --size x --size: 512 by default, i.e. 400 micron/pixel; 1024 is mini-MIAS's native 200 micron)
@@ -34,14 +34,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from appliance.logs import get_logger, setup_logging
-from appliance.modelcard import Preprocessing, load_card, sha256_file
-from appliance.pipeline import metrics
-from appliance.pipeline.activations import sigmoid
-from models.train.mammo_data import MammoDataset, contralateral_logits, load_dataset, patient_folds
-from models.train.mammo_net import HEATMAP_STRIDE, MammoNet, count_parameters
+from edgescreen.appliance.logs import get_logger, setup_logging
+from edgescreen.appliance.modelcard import Preprocessing, load_card, sha256_file
+from edgescreen.appliance.pipeline import metrics
+from edgescreen.appliance.pipeline.activations import sigmoid
+from edgescreen.models.train.mammo_data import MammoDataset, contralateral_logits, load_dataset, patient_folds
+from edgescreen.models.train.mammo_net import HEATMAP_STRIDE, MammoNet, count_parameters
 
-log = get_logger("models.train.mammo")
+log = get_logger("edgescreen.models.train.mammo")
 
 MODEL_NAME = "edgescreen-mammo-minimias"
 MODEL_VERSION = "1.1.1"  # 1.1.1: the features output (same weights and scores as 1.1.0)
@@ -730,7 +730,7 @@ def contralateral_variants(data_dir: Path, cv_path: Path, n_boot: int = 2000, se
     patient. ``nested`` picks w on the other folds for each fold (the honest figure); the fixed-w rows were
     chosen after seeing them and are optimistic.
     """
-    from models.train.mammo_data import read_labels
+    from edgescreen.models.train.mammo_data import read_labels
 
     cv = json.loads(cv_path.read_text())
     oof = cv["out_of_fold"]
@@ -892,7 +892,7 @@ def ship_contralateral(data_dir: Path, out_dir: Path, version: str) -> dict:
 
 
 def read_labels_for(data_dir: Path, image_ids: dict) -> list:
-    from models.train.mammo_data import read_labels
+    from edgescreen.models.train.mammo_data import read_labels
 
     return [r for r in read_labels(data_dir) if r.image_id in image_ids]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from appliance.modelcard import Preprocessing
-from appliance.pipeline.mammo import contralateral_scores, prepare_mammogram, read_mammogram
+from edgescreen.appliance.modelcard import Preprocessing
+from edgescreen.appliance.pipeline.mammo import contralateral_scores, prepare_mammogram, read_mammogram
 
 MIN_RADIUS_PX = 16  # in original pixels (3.2 mm): the smallest labelled circles (3 px) would vanish in the heatmap
 MIAS_SIDE_PX = 1024

@@ -9,6 +9,6 @@ failed check makes the study out of domain: triage `indeterminate` with every re
 was validated, so nothing can be cleared.
 """
 
-from appliance.pipeline.domain.verdict import DomainReport
+from edgescreen.appliance.pipeline.domain.verdict import DomainReport
 
 __all__ = ["DomainReport"]

@@ -14,9 +14,9 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage
 
-from appliance.modelcard import AnatomyDomain
-from appliance.pipeline.domain.verdict import DomainReport
-from appliance.pipeline.preprocess import Grid
+from edgescreen.appliance.modelcard import AnatomyDomain
+from edgescreen.appliance.pipeline.domain.verdict import DomainReport
+from edgescreen.appliance.pipeline.preprocess import Grid
 
 _FULL = ndimage.generate_binary_structure(3, 3)
 _LEVEL_MIN_VOXELS = 5

@@ -13,8 +13,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from appliance.modelcard import Domain, Interval
-from appliance.pipeline.domain.verdict import DomainReport
+from edgescreen.appliance.modelcard import Domain, Interval
+from edgescreen.appliance.pipeline.domain.verdict import DomainReport
 
 _GE = {"SOFT": "soft", "STANDARD": "standard", "STND": "standard", "DETAIL": "sharp", "CHEST": "sharp",
        "EDGE": "sharp", "BONE": "bone", "BONEPLUS": "bone", "LUNG": "lung"}

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from appliance.modelcard import ModelCard
-from appliance.pipeline.domain import anatomy, attributes, intensity, ood
-from appliance.pipeline.domain.verdict import DomainReport
+from edgescreen.appliance.modelcard import ModelCard
+from edgescreen.appliance.pipeline.domain import anatomy, attributes, intensity, ood
+from edgescreen.appliance.pipeline.domain.verdict import DomainReport
 
 if TYPE_CHECKING:
-    from appliance.pipeline.pancreas import CanonicalCt, Stage1Result, Stage2Result
+    from edgescreen.appliance.pipeline.pancreas import CanonicalCt, Stage1Result, Stage2Result
 
 
 def _no_domain(card: ModelCard) -> str:

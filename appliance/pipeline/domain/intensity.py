@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from appliance.modelcard import IntensityDomain
-from appliance.pipeline.domain.verdict import DomainReport
+from edgescreen.appliance.modelcard import IntensityDomain
+from edgescreen.appliance.pipeline.domain.verdict import DomainReport
 
 BODY_HU = -500.0
 _STEP = (2, 4, 4)  # decimation (z, y, x): statistics of 1/32 of the voxels are stable to well under 1 HU

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from appliance.modelcard import OodDomain
-from appliance.pipeline.domain.verdict import DomainReport
+from edgescreen.appliance.modelcard import OodDomain
+from edgescreen.appliance.pipeline.domain.verdict import DomainReport
 
 
 def distance(features: np.ndarray, ood: OodDomain) -> float:

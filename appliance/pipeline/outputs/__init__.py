@@ -14,7 +14,7 @@ text (the report in words), fonts and pdf (the PDF document), encapsulated (its 
 write (build all, then write all), labels (the viewer's label volume).
 """
 
-from appliance.pipeline.outputs.context import DicomOutputError
-from appliance.pipeline.outputs.write import write_dicom_outputs
+from edgescreen.appliance.pipeline.outputs.context import DicomOutputError
+from edgescreen.appliance.pipeline.outputs.write import write_dicom_outputs
 
 __all__ = ["DicomOutputError", "write_dicom_outputs"]

@@ -19,11 +19,11 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from appliance import __version__
-from appliance.logs import get_logger
-from appliance.pipeline.outputs.codes import MANUFACTURER, PROCESSING_EQUIPMENT, RESEARCH_TAG
+from edgescreen.appliance import __version__
+from edgescreen.appliance.logs import get_logger
+from edgescreen.appliance.pipeline.outputs.codes import MANUFACTURER, PROCESSING_EQUIPMENT, RESEARCH_TAG
 
-log = get_logger("appliance.pipeline.outputs")
+log = get_logger("edgescreen.appliance.pipeline.outputs")
 
 # Patient and General Study attributes of type 2 (present, may be empty) in every IOD we write. A
 # source series may lack them altogether (anonymised series often do); PS3.3 lets us write them empty.

@@ -10,16 +10,20 @@ from typing import Any
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from appliance.pipeline.outputs.codes import (
+from edgescreen.appliance.pipeline.outputs.codes import (
     DIAGNOSTIC_IMAGING_REPORT,
     ENCAPSULATED_PDF_STORAGE,
     MANUFACTURER,
     RESEARCH_TAG,
     SERIES_NUMBERS,
 )
-from appliance.pipeline.outputs.context import PATIENT_STUDY_KEYWORDS, TYPE2_PATIENT_STUDY, OutputContext
-from appliance.pipeline.outputs.pdf import render_pdf
-from appliance.pipeline.outputs.text import report_blocks
+from edgescreen.appliance.pipeline.outputs.context import (
+    PATIENT_STUDY_KEYWORDS,
+    TYPE2_PATIENT_STUDY,
+    OutputContext,
+)
+from edgescreen.appliance.pipeline.outputs.pdf import render_pdf
+from edgescreen.appliance.pipeline.outputs.text import report_blocks
 
 
 def _reference(ds: Dataset) -> Dataset:

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from appliance.pipeline.preprocess import Grid, bbox
-from appliance.store.files import atomic_write
+from edgescreen.appliance.pipeline.preprocess import Grid, bbox
+from edgescreen.appliance.store.files import atomic_write
 
 FORMAT = "edgescreen-labels/1"
 FILE_NAME = "labels.npz"

@@ -20,10 +20,10 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from appliance import RESEARCH_USE_BANNER, __version__
-from appliance.pipeline.outputs import fonts
-from appliance.pipeline.outputs.codes import RESEARCH_TAG
-from appliance.pipeline.outputs.text import Block
+from edgescreen.appliance import RESEARCH_USE_BANNER, __version__
+from edgescreen.appliance.pipeline.outputs import fonts
+from edgescreen.appliance.pipeline.outputs.codes import RESEARCH_TAG
+from edgescreen.appliance.pipeline.outputs.text import Block
 
 _MARGIN = 15.0  # mm
 _SIZE = 9.0

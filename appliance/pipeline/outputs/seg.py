@@ -15,8 +15,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from appliance import RESEARCH_USE_BANNER
-from appliance.pipeline.outputs.codes import (
+from edgescreen.appliance import RESEARCH_USE_BANNER
+from edgescreen.appliance.pipeline.outputs.codes import (
     MANUFACTURER,
     NEOPLASM,
     PANCREAS,
@@ -26,7 +26,7 @@ from appliance.pipeline.outputs.codes import (
     SERIES_NUMBERS,
     coding_schemes,
 )
-from appliance.pipeline.outputs.context import DicomOutputError, OutputContext, log
+from edgescreen.appliance.pipeline.outputs.context import DicomOutputError, OutputContext, log
 
 
 @dataclass(frozen=True)

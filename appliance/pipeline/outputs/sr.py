@@ -27,8 +27,8 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from appliance import RESEARCH_USE_BANNER
-from appliance.pipeline.outputs.codes import (
+from edgescreen.appliance import RESEARCH_USE_BANNER
+from edgescreen.appliance.pipeline.outputs.codes import (
     DOMAIN_REASON,
     EXAM_SCORE,
     IN_DOMAIN,
@@ -57,9 +57,9 @@ from appliance.pipeline.outputs.codes import (
     subtype,
     triage_code,
 )
-from appliance.pipeline.outputs.context import DicomOutputError, OutputContext
-from appliance.pipeline.outputs.seg import Segment
-from appliance.pipeline.outputs.text import domain_lines, operating_point_text
+from edgescreen.appliance.pipeline.outputs.context import DicomOutputError, OutputContext
+from edgescreen.appliance.pipeline.outputs.seg import Segment
+from edgescreen.appliance.pipeline.outputs.text import domain_lines, operating_point_text
 
 Group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
 _LATERALITY = {"L": codes.SCT.Left, "R": codes.SCT.Right}

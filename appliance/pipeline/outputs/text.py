@@ -10,7 +10,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from appliance import RESEARCH_USE_BANNER, __version__
+from edgescreen.appliance import RESEARCH_USE_BANNER, __version__
 
 Block = tuple[str, Any]
 TITLES = {"pancreas": "Pancreas screening (non-contrast CT)", "mammo": "Mammography screening"}

@@ -13,11 +13,16 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
-from appliance.pipeline.outputs.context import SourceHeaders, log, normalise_findings, output_context
-from appliance.pipeline.outputs.encapsulated import build_encapsulated_pdf
-from appliance.pipeline.outputs.seg import build_segmentation
-from appliance.pipeline.outputs.sr import build_sr
-from appliance.store.files import atomic_write
+from edgescreen.appliance.pipeline.outputs.context import (
+    SourceHeaders,
+    log,
+    normalise_findings,
+    output_context,
+)
+from edgescreen.appliance.pipeline.outputs.encapsulated import build_encapsulated_pdf
+from edgescreen.appliance.pipeline.outputs.seg import build_segmentation
+from edgescreen.appliance.pipeline.outputs.sr import build_sr
+from edgescreen.appliance.store.files import atomic_write
 
 
 def save_dataset(ds: Dataset, path: Path) -> Path:
