@@ -81,6 +81,19 @@ def test_attributes_flag_what_contradicts_the_domain_and_skip_what_is_absent() -
     assert ok.in_domain and ok.checks["dicom"] == "passed" and "dicom.body_part" in ok.checks
 
 
+def test_a_spacing_at_the_edge_of_the_range_with_float_noise_is_inside() -> None:
+    """Slice spacing comes from differences of float positions: 5 mm spacing reads 5.000000000002."""
+    ds = pydicom.Dataset()
+    ds.Modality, ds.SliceThickness, ds.ConvolutionKernel = "CT", "5.0", "STANDARD"
+    domain = _domain(slice_spacing_mm={"min": 0.8, "max": 5.0})
+    edge = DomainReport()
+    attributes.check_ct(domain, ds, (5.0 + 2e-12, 0.7, 0.7), edge)
+    assert edge.in_domain, edge.reasons
+    beyond = DomainReport()
+    attributes.check_ct(domain, ds, (5.01, 0.7, 0.7), beyond)
+    assert any("slice spacing 5.01 mm is outside" in r for r in beyond.reasons)
+
+
 def test_mammography_attributes() -> None:
     domain = Domain.model_validate({"modality": ["MG"], "source": "mini-MIAS", "pixel_spacing_mm": {"min": 0.15, "max": 0.25},
                                     "detector_type": ["FILM"], "bits_stored": {"min": 8, "max": 8}})
